@@ -1,0 +1,1 @@
+"""``vc check`` (placeholder until host.py lands)."""

@@ -1,0 +1,190 @@
+"""The one error tree of virtcontainers.
+
+::
+
+    VirtContainersError
+    ├── ConfigError            bad configuration; names the field / file:key and the allowed values
+    │   └── AnnotationError    an annotation not enabled, or a path outside the allowed globs
+    ├── AssetError             missing / relative / hash mismatch
+    ├── HypervisorError        carries driver and sandbox id
+    │   ├── LaunchError        VMM exited or never became ready: exit code, argv, log tail
+    │   ├── StateError         operation not valid in the current state
+    │   ├── ApiError           QMP / REST error reply: request, reply
+    │   ├── UnsupportedError   driver lacks the capability
+    │   └── HypervisorTimeout  a deadline passed: which operation, how long
+    ├── AgentError             guest agent unreachable or protocol error
+    └── StoreError             state store problems (corrupt document, lock, disk full)
+
+Errors carry data as attributes so callers never parse messages. Backend exceptions
+(``qemu.qmp``, ``httpx``, ``OSError``) are translated at one boundary per driver with
+``raise ... from exc``; ``asyncio.CancelledError`` and ``KeyboardInterrupt`` are never wrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "AgentError",
+    "AnnotationError",
+    "ApiError",
+    "AssetError",
+    "ConfigError",
+    "HypervisorError",
+    "HypervisorTimeout",
+    "LaunchError",
+    "StateError",
+    "StoreError",
+    "UnsupportedError",
+    "VirtContainersError",
+]
+
+
+class VirtContainersError(Exception):
+    """Root of every error raised by virtcontainers."""
+
+
+class ConfigError(VirtContainersError):
+    """A configuration value is missing or wrong.
+
+    ``field`` names the offending field (``file:section.key`` for config files) and
+    ``allowed`` lists the accepted values where there is a closed set.
+    """
+
+    def __init__(
+        self, message: str, *, field: str | None = None, allowed: Iterable[str] | None = None
+    ) -> None:
+        self.field = field
+        self.allowed: tuple[str, ...] = tuple(allowed) if allowed is not None else ()
+        if self.allowed:
+            message = f"{message} (allowed: {', '.join(self.allowed)})"
+        super().__init__(message)
+
+
+class AnnotationError(ConfigError):
+    """An annotation that is not enabled, unknown, or names a path outside the allowed globs."""
+
+    def __init__(self, message: str, *, annotation: str) -> None:
+        self.annotation = annotation
+        super().__init__(message, field=annotation)
+
+
+class AssetError(VirtContainersError):
+    """A boot asset (kernel, image, initrd, firmware, binary) is missing, relative or corrupt."""
+
+    def __init__(self, message: str, *, asset: str, path: str) -> None:
+        self.asset = asset
+        self.path = path
+        super().__init__(message)
+
+
+class HypervisorError(VirtContainersError):
+    """A failure inside a hypervisor driver. Carries the driver name and sandbox id."""
+
+    def __init__(self, message: str, *, driver: str = "", sandbox_id: str = "") -> None:
+        self.driver = driver
+        self.sandbox_id = sandbox_id
+        prefix = ":".join(p for p in (driver, sandbox_id) if p)
+        super().__init__(f"[{prefix}] {message}" if prefix else message)
+
+
+class LaunchError(HypervisorError):
+    """The VMM exited early or never became ready."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int | None,
+        argv: Sequence[str],
+        log_tail: str,
+        driver: str = "",
+        sandbox_id: str = "",
+    ) -> None:
+        self.exit_code = exit_code
+        self.argv = tuple(argv)
+        self.log_tail = log_tail
+        detail = f"{message} (exit code {exit_code})" if exit_code is not None else message
+        if log_tail.strip():
+            detail += "\n--- VMM log tail ---\n" + log_tail.rstrip()
+        super().__init__(detail, driver=driver, sandbox_id=sandbox_id)
+
+
+class StateError(HypervisorError):
+    """An operation was called in a state that does not allow it."""
+
+    def __init__(
+        self,
+        operation: str,
+        state: str,
+        required: Iterable[str],
+        *,
+        driver: str = "",
+        sandbox_id: str = "",
+    ) -> None:
+        self.operation = operation
+        self.state = state
+        self.required = tuple(required)
+        super().__init__(
+            f"cannot {operation} while {state}; requires {' or '.join(self.required)}",
+            driver=driver,
+            sandbox_id=sandbox_id,
+        )
+
+
+class ApiError(HypervisorError):
+    """The VMM's control API (QMP or REST) answered with an error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: str,
+        reply: str,
+        status: int | None = None,
+        driver: str = "",
+        sandbox_id: str = "",
+    ) -> None:
+        self.request = request
+        self.reply = reply
+        self.status = status
+        super().__init__(f"{request}: {message}", driver=driver, sandbox_id=sandbox_id)
+
+
+class UnsupportedError(HypervisorError):
+    """The driver does not have this capability."""
+
+    def __init__(self, operation: str, *, driver: str, sandbox_id: str = "") -> None:
+        self.operation = operation
+        super().__init__(
+            f"{operation} is not supported by the {driver} driver",
+            driver=driver,
+            sandbox_id=sandbox_id,
+        )
+
+
+class HypervisorTimeout(HypervisorError):
+    """A deadline passed while waiting for the VMM."""
+
+    def __init__(
+        self, operation: str, seconds: float, *, driver: str = "", sandbox_id: str = ""
+    ) -> None:
+        self.operation = operation
+        self.seconds = seconds
+        super().__init__(
+            f"{operation} did not finish within {seconds:g} s",
+            driver=driver,
+            sandbox_id=sandbox_id,
+        )
+
+
+class AgentError(VirtContainersError):
+    """The guest agent is unreachable, incompatible, or broke the protocol."""
+
+
+class StoreError(VirtContainersError):
+    """The state store failed: corrupt or future-version document, lock, or disk error."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
