@@ -1,0 +1,1 @@
+"""``vc image`` (placeholder until the image builder lands)."""
