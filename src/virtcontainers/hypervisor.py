@@ -24,6 +24,7 @@ from virtcontainers.persist.hypervisor_state import HypervisorState
 __all__ = [
     "Capabilities",
     "Capability",
+    "D",
     "ConsoleUrl",
     "Hypervisor",
     "HypervisorType",
@@ -227,11 +228,15 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     async def hotplug_add_device(self, device: D) -> D:
-        """Plug ``device`` into the running VM; returns it with driver-filled fields."""
+        """Plug ``device`` into the running VM.
+
+        Returns the same object, updated with what the driver did: PCI path, slot, and for
+        CPU/memory the amount really added (vCPU growth is capped at max vCPUs).
+        """
 
     @abc.abstractmethod
     async def hotplug_remove_device(self, device: D) -> D:
-        """Unplug ``device`` from the running VM; returns what was really removed."""
+        """Unplug ``device`` from the running VM; returns the same object, updated."""
 
     @abc.abstractmethod
     async def resize_memory(

@@ -1,0 +1,327 @@
+"""The mock driver: an in-memory VM with the real lifecycle, limits and bookkeeping.
+
+It runs no process. It is a test double for the layers above (sandbox, factory, CLI) and the
+reference point of the shared behavioural suite: every rule a real driver enforces — state
+guards, vCPU caps, memory slots and host limits, which devices can be removed — it enforces
+too, so a test that passes on the mock means something. ``crash()`` simulates the VMM dying.
+Pids and thread ids are synthetic (the VM has no process) and say so in :meth:`get_pids`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from virtcontainers.config import HypervisorConfig
+from virtcontainers.devices import (
+    AgentSocket,
+    BlockDrive,
+    ColdPlugDevice,
+    CpuDevice,
+    HotplugDevice,
+    HybridVSock,
+    MemoryDevice,
+    NetDevice,
+    VfioDevice,
+    VhostUserDevice,
+)
+from virtcontainers.drivers._resize import ResizeByHotplug, cpu_add_amount
+from virtcontainers.errors import (
+    ConfigError,
+    HypervisorError,
+    StateError,
+    UnsupportedError,
+)
+from virtcontainers.hypervisor import (
+    Capabilities,
+    Capability,
+    ConsoleUrl,
+    D,
+    HypervisorType,
+    NetworkNamespace,
+    VmState,
+    register_driver,
+)
+from virtcontainers.persist.hypervisor_state import HypervisorState
+
+__all__ = ["MockHypervisor"]
+
+#: Synthetic pids start here so they can't be confused with small real pids in test output.
+_FAKE_PID_BASE = 4_000_000
+#: PCI slots per bridge usable for hot-plug (slot 0 is the bridge itself).
+_BRIDGE_SLOTS = 30
+
+
+@dataclass
+class _Vm:
+    cold: list[ColdPlugDevice] = field(default_factory=list)
+    hot: dict[str, HotplugDevice] = field(default_factory=dict)
+    hot_vcpus: list[str] = field(default_factory=list)
+    dimms: dict[int, int] = field(default_factory=dict)  # slot -> MiB
+    next_cpu: int = 0
+    pid: int = 0
+    uuid: str = ""
+
+
+@register_driver(HypervisorType.MOCK)
+class MockHypervisor(ResizeByHotplug):
+    """In-memory VM. ``host_memory_mb`` caps memory hot-plug like the host's MemTotal does."""
+
+    def __init__(self, host_memory_mb: int = 16384) -> None:
+        super().__init__()
+        self._config = HypervisorConfig()
+        self._vm = _Vm()
+        self._host_memory_mb = host_memory_mb
+        self._run_dir = Path()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def create_sandbox(
+        self, id: str, network_ns: NetworkNamespace, config: HypervisorConfig
+    ) -> None:
+        self._require("create", VmState.NEW)
+        cfg = config.copy()
+        cfg.valid()
+        if cfg.resources.mem_slots < 0:
+            raise ConfigError("mem_slots must not be negative", field="resources.mem_slots")
+        self._config = cfg
+        self.sandbox_id = id
+        self._vm = _Vm(uuid=str(uuid.uuid4()))
+        if self._sandbox is not None:
+            self._run_dir = self._sandbox.run_dir
+        self._set_state(VmState.CREATED)
+
+    async def start_sandbox(self, timeout: float) -> None:
+        self._require("start", VmState.CREATED)
+        if timeout <= 0:
+            raise ConfigError("start timeout must be positive", field="timeout")
+        self._vm.pid = _FAKE_PID_BASE + (hash(self.sandbox_id) % 100_000)
+        self._set_state(VmState.RUNNING)
+
+    async def stop_sandbox(self, wait_only: bool = False) -> None:
+        if self.state is VmState.STOPPED:
+            return
+        self._vm.pid = 0
+        self._vm.hot.clear()
+        self._set_state(VmState.STOPPED)
+
+    async def pause_sandbox(self) -> None:
+        self._require("pause", VmState.RUNNING)
+        self._set_state(VmState.PAUSED)
+
+    async def resume_sandbox(self) -> None:
+        self._require("resume", VmState.PAUSED)
+        self._set_state(VmState.RUNNING)
+
+    async def save_sandbox(self) -> None:
+        """Writes the VM's device state as JSON to ``template.devices_state_path``."""
+        self._require("save", VmState.PAUSED)
+        path = self._config.template.devices_state_path
+        if not path:
+            raise ConfigError(
+                "save needs template.devices_state_path", field="template.devices_state_path"
+            )
+        document = json.dumps(self.save().to_dict())
+        await asyncio.to_thread(Path(path).write_text, document)
+
+    async def check(self) -> None:
+        if self.state is VmState.FAILED:
+            raise self._error("VMM is not running (crashed)")
+        self._require("check", VmState.RUNNING, VmState.PAUSED)
+
+    async def disconnect(self) -> None:
+        return None
+
+    async def cleanup(self) -> None:
+        self._vm = _Vm()
+
+    async def get_sandbox_console(self, sandbox_id: str) -> ConsoleUrl:
+        return ConsoleUrl("unix", str(self._run_dir / "console.sock"))
+
+    def crash(self) -> None:
+        """Test hook: the VMM dies under a running guest."""
+        self._require("crash", VmState.RUNNING, VmState.PAUSED)
+        self._vm.pid = 0
+        self._set_state(VmState.FAILED)
+
+    # -- devices ------------------------------------------------------------------------
+
+    async def add_device(self, device: ColdPlugDevice) -> None:
+        self._require("cold-plug a device", VmState.CREATED)
+        self._vm.cold.append(device)
+
+    def cold_devices(self) -> list[ColdPlugDevice]:
+        return list(self._vm.cold)
+
+    def hot_devices(self) -> dict[str, HotplugDevice]:
+        return dict(self._vm.hot)
+
+    async def hotplug_add_device(self, device: D) -> D:
+        self._require("hot-plug a device", VmState.RUNNING)
+        match device:
+            case CpuDevice():
+                n = cpu_add_amount(
+                    self._current_vcpus(), device.amount, self._config.resources.default_max_vcpus
+                )
+                ids = []
+                for _ in range(n):
+                    ids.append(f"cpu-{self._vm.next_cpu}")
+                    self._vm.next_cpu += 1
+                self._vm.hot_vcpus.extend(ids)
+                device.amount, device.ids = n, ids
+                return device
+            case MemoryDevice():
+                self._plug_memory(device)
+                return device
+            case BlockDrive() | NetDevice() | VfioDevice() | VhostUserDevice():
+                key = _device_key(device)
+                if key in self._vm.hot:
+                    raise self._error(f"device {key} is already plugged")
+                slot = self._free_pci_slot()
+                if isinstance(device, BlockDrive):
+                    device.index = len(
+                        [d for d in self._vm.hot.values() if isinstance(d, BlockDrive)]
+                    )
+                device.pci_path = f"01/{slot:02x}"
+                self._vm.hot[key] = device
+                return device
+        raise UnsupportedError(f"hot-plug of {type(device).__name__}", driver="mock")
+
+    async def hotplug_remove_device(self, device: D) -> D:
+        self._require("hot-unplug a device", VmState.RUNNING)
+        match device:
+            case CpuDevice():
+                hot = self._vm.hot_vcpus
+                if device.amount > len(hot):
+                    raise self._error(
+                        f"unable to remove {device.amount} vCPUs: only {len(hot)} were hot-added"
+                    )
+                device.ids = hot[len(hot) - device.amount :]
+                del hot[len(hot) - device.amount :]
+                return device
+            case MemoryDevice():
+                raise UnsupportedError("memory hot-unplug", driver="mock")
+            case BlockDrive() | NetDevice() | VfioDevice() | VhostUserDevice():
+                key = _device_key(device)
+                if key not in self._vm.hot:
+                    raise self._error(f"device {key} is not plugged")
+                del self._vm.hot[key]
+                return device
+        raise UnsupportedError(f"hot-unplug of {type(device).__name__}", driver="mock")
+
+    def _plug_memory(self, dev: MemoryDevice) -> None:
+        if dev.size_mb <= 0:
+            raise ConfigError("memory to hot-plug must be positive", field="size_mb")
+        current = self._current_memory_mb()
+        if current + dev.size_mb > self._host_memory_mb:
+            raise self._error(
+                f"unable to hot-plug {dev.size_mb} MiB: the VM has {current} MiB and the host "
+                f"allows {self._host_memory_mb} MiB"
+            )
+        slots = self._config.resources.mem_slots
+        free = [s for s in range(slots) if s not in self._vm.dimms]
+        if not free:
+            raise self._error(f"no free memory slot (mem_slots={slots})")
+        slot = free[0]
+        self._vm.dimms[slot] = dev.size_mb
+        dev.slot = slot
+
+    def _error(self, message: str) -> HypervisorError:
+        return HypervisorError(message, driver="mock", sandbox_id=self.sandbox_id)
+
+    def _free_pci_slot(self) -> int:
+        used = {int(d.pci_path.split("/")[1], 16) for d in self._pci_devices() if d.pci_path}
+        for slot in range(1, _BRIDGE_SLOTS + 1):
+            if slot not in used:
+                return slot
+        raise self._error("no free PCI slot on the bridges")
+
+    def _pci_devices(self) -> list[BlockDrive | NetDevice | VfioDevice | VhostUserDevice]:
+        return [d for d in self._vm.hot.values() if not isinstance(d, CpuDevice | MemoryDevice)]
+
+    def _current_vcpus(self) -> int:
+        return self._config.resources.num_vcpus + len(self._vm.hot_vcpus)
+
+    def _current_memory_mb(self) -> int:
+        return self._config.resources.memory_size + sum(self._vm.dimms.values())
+
+    async def generate_socket(self, id: str) -> AgentSocket:
+        return HybridVSock(uds_path=str(self._run_dir / "mock-hvsock.sock"), port=1024)
+
+    # -- utilities ----------------------------------------------------------------------
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            Capability.BLOCK_DEVICE
+            | Capability.BLOCK_DEVICE_HOTPLUG
+            | Capability.MULTI_QUEUE
+            | Capability.FS_SHARING
+            | Capability.NET_HOTPLUG
+            | Capability.CPU_HOTPLUG
+            | Capability.MEMORY_HOTPLUG
+            | Capability.PAUSE
+            | Capability.SAVE
+        )
+
+    def hypervisor_config(self) -> HypervisorConfig:
+        return self._config.copy()
+
+    async def get_thread_ids(self) -> dict[int, int]:
+        self._require("get thread ids", VmState.RUNNING, VmState.PAUSED)
+        return {i: self._vm.pid + 1 + i for i in range(self._current_vcpus())}
+
+    def get_pids(self) -> list[int]:
+        """Synthetic pids (no process exists); empty unless running or paused."""
+        return [self._vm.pid] if self._vm.pid else []
+
+    async def to_grpc(self) -> bytes:
+        self._require("serialize", VmState.RUNNING, VmState.PAUSED)
+        return json.dumps({"state": self.save().to_dict(), "vm_state": self.state.value}).encode()
+
+    async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
+        self._require("adopt a VM", VmState.NEW)
+        try:
+            doc = json.loads(data)
+            state = HypervisorState.from_dict(doc["state"])
+            vm_state = VmState(doc["vm_state"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HypervisorError(f"invalid serialized VM: {exc}", driver="mock") from exc
+        cfg = config.copy()
+        cfg.valid()
+        self._config = cfg
+        self.load(state)
+        self._set_state(vm_state)
+
+    def save(self) -> HypervisorState:
+        return HypervisorState(
+            pid=self._vm.pid,
+            type=HypervisorType.MOCK.value,
+            uuid=self._vm.uuid,
+            hotplugged_vcpus=tuple(self._vm.hot_vcpus),
+            hotplugged_memory=sum(self._vm.dimms.values()),
+            block_index_map={
+                d.index: 1 for d in self._vm.hot.values() if isinstance(d, BlockDrive)
+            },
+            run_dir=str(self._run_dir),
+            sandbox_id=self.sandbox_id,
+        )
+
+    def load(self, state: HypervisorState) -> None:
+        if state.type and state.type != HypervisorType.MOCK.value:
+            raise StateError("load a state", state.type, [HypervisorType.MOCK.value], driver="mock")
+        self.sandbox_id = state.sandbox_id
+        self._run_dir = Path(state.run_dir)
+        self._vm.pid = state.pid
+        self._vm.uuid = state.uuid
+        self._vm.hot_vcpus = list(state.hotplugged_vcpus)
+        self._vm.next_cpu = len(state.hotplugged_vcpus)
+        # DIMM sizes are not kept per slot in the reference's state: restore them as one.
+        self._vm.dimms = {0: state.hotplugged_memory} if state.hotplugged_memory else {}
+
+
+def _device_key(dev: BlockDrive | NetDevice | VfioDevice | VhostUserDevice) -> str:
+    ident = dev.bdf if isinstance(dev, VfioDevice) else dev.id
+    return f"{type(dev).__name__}:{ident}"
