@@ -1,0 +1,686 @@
+"""The state store: one versioned JSON document per sandbox, written atomically under a lock.
+
+Layout::
+
+    <root>/                       0700  (see default_root())
+    └── sandboxes/                0700
+        └── <id>/                 0700  the sandbox's run dir (drivers put sockets and logs here)
+            ├── .lock             0600  flock target: shared for reads, exclusive for writes
+            └── state.json        0600  SandboxDocument, replaced atomically
+
+Why it is built this way:
+
+* Sandbox ids become path components, so :func:`validate_sandbox_id` is a security boundary:
+  no separators, no leading dot, bounded length.
+* A write goes to a temp file in the same directory, is fsynced, renamed over ``state.json`` and
+  the directory is fsynced, so a crash leaves either the old or the new document, never a torn
+  one. ``load`` never repairs, rewrites or deletes a document it cannot read: a corrupt or
+  newer-version document raises :class:`~virtcontainers.errors.StoreError` and stays on disk for
+  a human (or a newer virtcontainers) to look at.
+* Locks are ``flock(2)`` on ``<id>/.lock``. They belong to an open file description, so they
+  exclude other processes *and* other threads of this process; every fd is ``O_CLOEXEC`` so a
+  VMM spawned while a lock is held does not inherit it. A thread that already holds a sandbox's
+  lock (via :meth:`StateStore.lock`) may call the store's methods for that sandbox without
+  deadlocking on itself.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+from virtcontainers.errors import StoreError
+from virtcontainers.persist.hypervisor_state import HypervisorState
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SandboxDocument",
+    "StateStore",
+    "default_root",
+    "validate_sandbox_id",
+]
+
+#: Version of the :class:`SandboxDocument` JSON layout this code writes and the newest it reads.
+SCHEMA_VERSION: Final = 1
+
+#: Environment variable that overrides the store's root directory.
+ROOT_ENV: Final = "VC_RUN_ROOT"
+STATE_FILE: Final = "state.json"
+LOCK_FILE: Final = ".lock"
+SANDBOXES_DIR: Final = "sandboxes"
+
+_DIR_MODE: Final = 0o700
+_FILE_MODE: Final = 0o600
+_TMP_PREFIX: Final = ".state."
+_TMP_SUFFIX: Final = ".tmp"
+_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ID_RULE: Final = "1-64 characters from [A-Za-z0-9_.-], the first a letter or digit"
+_OPEN_FLAGS: Final = os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def validate_sandbox_id(sandbox_id: object) -> str:
+    """Return ``sandbox_id`` if it is safe to use as a directory name.
+
+    Raises:
+        StoreError: it is not a string of 1-64 characters from ``[A-Za-z0-9_.-]`` starting
+            with a letter or digit (so never ``..``, never a ``/``).
+    """
+    if not isinstance(sandbox_id, str) or _ID_RE.fullmatch(sandbox_id) is None:
+        raise StoreError(f"invalid sandbox id {sandbox_id!r}: must be {_ID_RULE}")
+    return sandbox_id
+
+
+def default_root() -> Path:
+    """The store root for this process.
+
+    ``$VC_RUN_ROOT`` if set; else ``/run/virtcontainers`` as root; else
+    ``$XDG_RUNTIME_DIR/virtcontainers``; else ``/tmp/virtcontainers-<uid>``. A relative
+    ``$XDG_RUNTIME_DIR`` is ignored, as the XDG base directory spec requires.
+
+    Raises:
+        StoreError: ``$VC_RUN_ROOT`` is set but not an absolute path (a root that depends on the
+            current directory would hide sandboxes from other processes).
+    """
+    override = os.environ.get(ROOT_ENV)
+    if override:
+        if not os.path.isabs(override):
+            raise StoreError(f"{ROOT_ENV}={override!r} must be an absolute path")
+        return Path(override)
+    uid = os.geteuid()
+    if uid == 0:
+        return Path("/run/virtcontainers")
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir and os.path.isabs(runtime_dir):
+        return Path(runtime_dir) / "virtcontainers"
+    return Path(f"/tmp/virtcontainers-{uid}")
+
+
+# --------------------------------------------------------------------------------------------
+# The document
+# --------------------------------------------------------------------------------------------
+
+_DOC_KEYS: Final = frozenset(
+    {
+        "version",
+        "id",
+        "hypervisor_type",
+        "state",
+        "created_at",
+        "hypervisor",
+        "config",
+        "agent",
+        "annotations",
+        "extra",
+    }
+)
+
+
+@dataclass(frozen=True)
+class SandboxDocument:
+    """Everything persisted about one sandbox; ``state.json`` holds :meth:`to_json`.
+
+    Change a document with :func:`dataclasses.replace`, e.g. inside :meth:`StateStore.update`.
+    ``config`` is the serialized HypervisorConfig and ``agent`` the agent transport info; the
+    store only carries them (they must be JSON-serializable).
+    """
+
+    id: str
+    hypervisor_type: str
+    #: Lifecycle value, e.g. ``"running"``.
+    state: str
+    #: Seconds since the epoch.
+    created_at: float
+    hypervisor: HypervisorState
+    config: dict[str, object] = field(default_factory=dict)
+    agent: dict[str, object] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Serialize, stamped with :data:`SCHEMA_VERSION`.
+
+        Raises:
+            StoreError: a value is not JSON-serializable (or is NaN/infinite).
+        """
+        doc: dict[str, object] = {
+            "version": SCHEMA_VERSION,
+            "id": self.id,
+            "hypervisor_type": self.hypervisor_type,
+            "state": self.state,
+            "created_at": float(self.created_at),
+            "hypervisor": self.hypervisor.to_dict(),
+            "config": self.config,
+            "agent": self.agent,
+            "annotations": self.annotations,
+            "extra": self.extra,
+        }
+        try:
+            return json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise StoreError(f"sandbox {self.id!r} is not serializable: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, data: str | bytes, *, path: str = "") -> SandboxDocument:
+        """Parse and strictly check a document; ``path`` is only used in error messages.
+
+        Raises:
+            StoreError: not JSON, wrong shape (missing, unknown or mistyped keys), or a
+                ``version`` newer than :data:`SCHEMA_VERSION`.
+        """
+        try:
+            raw = json.loads(data, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise StoreError(f"corrupt state document: {exc}", path=path) from exc
+        return cls._from_obj(raw, path)
+
+    @classmethod
+    def _from_obj(cls, raw: object, path: str) -> SandboxDocument:
+        def bad(why: str) -> StoreError:
+            return StoreError(f"corrupt state document: {why}", path=path)
+
+        if not isinstance(raw, dict):
+            raise bad(f"expected a JSON object, got {type(raw).__name__}")
+        version = raw.get("version")
+        if type(version) is not int:
+            raise bad(f"'version' must be an integer, got {version!r}")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state document version {version} is newer than this virtcontainers supports "
+                f"({SCHEMA_VERSION}); use a newer virtcontainers to read it",
+                path=path,
+            )
+        if version < 1:
+            raise bad(f"'version' must be >= 1, got {version}")
+        # Only version 1 exists; older versions would be migrated here.
+        missing = _DOC_KEYS - raw.keys()
+        if missing:
+            raise bad(f"missing keys {sorted(missing)}")
+        unknown = raw.keys() - _DOC_KEYS
+        if unknown:
+            raise bad(f"unknown keys {sorted(unknown)}")
+
+        strings: dict[str, str] = {}
+        for key in ("id", "hypervisor_type", "state"):
+            value = raw[key]
+            if not isinstance(value, str):
+                raise bad(f"{key!r} must be a string, got {type(value).__name__}")
+            strings[key] = value
+        if _ID_RE.fullmatch(strings["id"]) is None:
+            raise bad(f"'id' {strings['id']!r} is not a valid sandbox id ({_ID_RULE})")
+        created_at = raw["created_at"]
+        if type(created_at) not in (int, float) or not math.isfinite(created_at):
+            raise bad(f"'created_at' must be a finite number, got {created_at!r}")
+
+        objects: dict[str, dict[str, Any]] = {}
+        for key in ("hypervisor", "config", "agent", "annotations", "extra"):
+            value = raw[key]
+            if not isinstance(value, dict):
+                raise bad(f"{key!r} must be an object, got {type(value).__name__}")
+            objects[key] = value
+        for key in ("annotations", "extra"):
+            for k, v in objects[key].items():
+                if not isinstance(v, str):
+                    raise bad(f"{key}[{k!r}] must be a string, got {type(v).__name__}")
+
+        return cls(
+            id=strings["id"],
+            hypervisor_type=strings["hypervisor_type"],
+            state=strings["state"],
+            created_at=float(created_at),
+            hypervisor=_hypervisor_state(objects["hypervisor"], bad),
+            config=dict(objects["config"]),
+            agent=dict(objects["agent"]),
+            annotations=dict(objects["annotations"]),
+            extra=dict(objects["extra"]),
+        )
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _hypervisor_state(data: dict[str, Any], bad: Callable[[str], StoreError]) -> HypervisorState:
+    """HypervisorState.from_dict is lenient (drops unknown keys, does not check scalars);
+    a persisted document must not silently lose or mistype fields, so check those here."""
+    known = {f.name: f for f in fields(HypervisorState)}
+    unknown = data.keys() - known.keys()
+    if unknown:
+        raise bad(f"unknown hypervisor keys {sorted(unknown)}")
+    for name, value in data.items():
+        default = known[name].default
+        # Scalar fields are typed by their default; containers are converted by from_dict.
+        if isinstance(default, bool | int | str) and type(value) is not type(default):
+            raise bad(
+                f"hypervisor.{name} must be {type(default).__name__}, got {type(value).__name__}"
+            )
+    for name, kind in (("block_index_map", dict), ("bridges", list), ("hotplugged_vcpus", list)):
+        if name in data and not isinstance(data[name], kind):
+            raise bad(f"hypervisor.{name} must be a JSON {kind.__name__}")
+    try:
+        return HypervisorState.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise bad(f"bad hypervisor state: {exc!r}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Locks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Held:
+    exclusive: bool
+    depth: int
+
+
+class _Gone(StoreError):
+    """The sandbox directory (or its lock file) disappeared: it was deleted."""
+
+
+_local = threading.local()
+
+
+def _held_locks() -> dict[str, _Held]:
+    held: dict[str, _Held] | None = getattr(_local, "held", None)
+    if held is None:
+        held = {}
+        _local.held = held
+    return held
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+
+
+class StateStore:
+    """Per-sandbox state documents under ``<root>/sandboxes/<id>/``.
+
+    ``root`` defaults to :func:`default_root`. ``lock_timeout`` bounds every wait for a lock
+    (``None`` waits forever). Safe to use from several threads and processes at once.
+    """
+
+    def __init__(self, root: Path | None = None, *, lock_timeout: float | None = 30.0) -> None:
+        self._root = Path(root).absolute() if root is not None else default_root()
+        self._lock_timeout = lock_timeout
+        self._root_checked = False
+
+    @property
+    def root(self) -> Path:
+        """The store's root directory."""
+        return self._root
+
+    def __repr__(self) -> str:
+        return f"StateStore({str(self._root)!r})"
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        """The sandbox's directory (state and run dir). Does not create it.
+
+        Raises:
+            StoreError: the id is invalid (see :func:`validate_sandbox_id`).
+        """
+        return self._root / SANDBOXES_DIR / validate_sandbox_id(sandbox_id)
+
+    def state_path(self, sandbox_id: str) -> Path:
+        """Path of the sandbox's ``state.json``."""
+        return self.sandbox_dir(sandbox_id) / STATE_FILE
+
+    def create_sandbox_dir(self, sandbox_id: str) -> Path:
+        """Create the sandbox directory (and missing parents), all 0700, plus its lock file.
+
+        Raises:
+            StoreError: invalid id, the directory already exists, the root is unsafe (not owned
+                by us or writable by others), or an OS error.
+        """
+        path = self.sandbox_dir(sandbox_id)
+        self._ensure_root()
+        try:
+            _mkdir_private(path.parent)
+            try:
+                os.mkdir(path, _DIR_MODE)
+            except FileExistsError as exc:
+                raise StoreError(f"sandbox {sandbox_id!r} already exists", path=str(path)) from exc
+            os.chmod(path, _DIR_MODE)  # mkdir's mode is filtered by the umask
+            os.close(_open_private(path / LOCK_FILE))
+        except OSError as exc:
+            raise _wrap(exc, "cannot create sandbox directory", path) from exc
+        return path
+
+    # -- documents ----------------------------------------------------------------------------
+
+    def save(self, sandbox_id: str, document: SandboxDocument) -> None:
+        """Atomically replace the sandbox's document, under its exclusive lock.
+
+        The sandbox directory must exist (:meth:`create_sandbox_dir`): saving never resurrects
+        a deleted sandbox.
+
+        Raises:
+            StoreError: invalid id, ``document.id`` differs from ``sandbox_id``, no such
+                sandbox, lock timeout, or an OS error (e.g. ENOSPC; the old document is kept).
+        """
+        _check_doc(sandbox_id, document, "save")
+        data = document.to_json().encode()
+        with self._locked(sandbox_id, exclusive=True):
+            self._write(sandbox_id, data)
+
+    def load(self, sandbox_id: str) -> SandboxDocument:
+        """Read the sandbox's document under a shared lock. Never modifies the file.
+
+        Raises:
+            StoreError: invalid id, no such sandbox or document, corrupt document, a document
+                from a newer virtcontainers, lock timeout, or an OS error.
+        """
+        with self._locked(sandbox_id, exclusive=False):
+            return self._read(sandbox_id)
+
+    def update(
+        self, sandbox_id: str, fn: Callable[[SandboxDocument], SandboxDocument]
+    ) -> SandboxDocument:
+        """Read, apply ``fn``, write back, all under one exclusive lock; returns the new document.
+
+        Concurrent updates from any process serialize, so none is lost. If ``fn`` raises,
+        nothing is written and the exception propagates unchanged.
+
+        Raises:
+            StoreError: as :meth:`load` and :meth:`save`; also if ``fn`` changes the id.
+            TypeError: ``fn`` did not return a SandboxDocument.
+        """
+        with self._locked(sandbox_id, exclusive=True):
+            new = fn(self._read(sandbox_id))
+            if not isinstance(new, SandboxDocument):
+                raise TypeError(f"update function returned {type(new).__name__}, not a document")
+            _check_doc(sandbox_id, new, "update")
+            self._write(sandbox_id, new.to_json().encode())
+            return new
+
+    def exists(self, sandbox_id: str) -> bool:
+        """Whether the sandbox has a state document."""
+        try:
+            st = os.lstat(self.state_path(sandbox_id))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _wrap(exc, "cannot stat", self.state_path(sandbox_id)) from exc
+        return stat.S_ISREG(st.st_mode)
+
+    def list(self) -> builtins.list[str]:
+        """Sorted ids of the sandboxes that have a state document (a new process can reattach).
+
+        Raises:
+            StoreError: the root is unsafe, or an OS error other than "no root yet".
+        """
+        base = self._root / SANDBOXES_DIR
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _wrap(exc, "cannot list sandboxes", base) from exc
+        self._ensure_root(create=False)
+        return sorted(n for n in names if _ID_RE.fullmatch(n) is not None and self.exists(n))
+
+    def delete(self, sandbox_id: str) -> None:
+        """Remove the sandbox directory and everything in it. Idempotent.
+
+        Takes the exclusive lock first so it never removes a document mid-write; writers that
+        were waiting for the lock then fail with StoreError instead of recreating it.
+
+        Raises:
+            StoreError: invalid id, lock timeout, or an OS error.
+        """
+        path = self.sandbox_dir(sandbox_id)
+        if not os.path.lexists(path):
+            return
+        try:
+            with self._locked(sandbox_id, exclusive=True):
+                shutil.rmtree(path)
+        except _Gone:
+            return
+        except FileNotFoundError:
+            return  # raced with another deleter that held no lock (e.g. a dir without .lock)
+        except OSError as exc:
+            raise _wrap(exc, "cannot delete sandbox", path) from exc
+
+    @contextlib.contextmanager
+    def lock(self, sandbox_id: str, *, exclusive: bool = True) -> Iterator[Path]:
+        """Hold the sandbox's lock across several operations; yields the sandbox directory.
+
+        The store's own methods called from the same thread for the same sandbox reuse the
+        held lock. A shared lock cannot be upgraded: ``save``/``update``/``delete`` inside
+        ``lock(id, exclusive=False)`` raise StoreError.
+
+        Raises:
+            StoreError: invalid id, no such sandbox, lock timeout.
+        """
+        with self._locked(sandbox_id, exclusive=exclusive):
+            yield self.sandbox_dir(sandbox_id)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _ensure_root(self, *, create: bool = True) -> None:
+        """Create the root 0700 if missing (when ``create``) and refuse a root someone else
+        could tamper with: this matters for the /tmp fallback, where anyone can pre-create it.
+        Reading never creates the root; a missing root just means "no sandboxes"."""
+        if self._root_checked:
+            return
+        try:
+            if create:
+                _mkdir_private(self._root)
+            st = os.stat(self._root)
+        except FileNotFoundError:
+            if not create:
+                return
+            raise StoreError("store root vanished", path=str(self._root)) from None
+        except OSError as exc:
+            raise _wrap(exc, "cannot create store root", self._root) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError("store root is not a directory", path=str(self._root))
+        if st.st_uid != os.geteuid():
+            raise StoreError(
+                f"store root is owned by uid {st.st_uid}, not by us ({os.geteuid()})",
+                path=str(self._root),
+            )
+        if st.st_mode & 0o022:
+            raise StoreError(
+                f"store root is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})",
+                path=str(self._root),
+            )
+        self._root_checked = True
+
+    @contextlib.contextmanager
+    def _locked(self, sandbox_id: str, *, exclusive: bool) -> Iterator[None]:
+        path = self.sandbox_dir(sandbox_id) / LOCK_FILE
+        held = _held_locks()
+        key = str(path)
+        current = held.get(key)
+        if current is not None:  # this thread already holds it (StateStore.lock)
+            if exclusive and not current.exclusive:
+                raise StoreError("cannot upgrade a shared lock to exclusive", path=key)
+            current.depth += 1
+            try:
+                yield
+            finally:
+                current.depth -= 1
+            return
+        self._ensure_root(create=False)
+        fd = self._acquire(sandbox_id, path, exclusive)
+        held[key] = _Held(exclusive, 1)
+        try:
+            yield
+        finally:
+            del held[key]
+            os.close(fd)  # releases the flock
+
+    def _acquire(self, sandbox_id: str, path: Path, exclusive: bool) -> int:
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = None if self._lock_timeout is None else time.monotonic() + self._lock_timeout
+        while True:
+            try:
+                fd = _open_private(path)
+            except FileNotFoundError as exc:
+                raise _Gone(f"no sandbox {sandbox_id!r}", path=str(path.parent)) from exc
+            except OSError as exc:
+                raise _wrap(exc, "cannot open lock file", path) from exc
+            try:
+                self._flock(fd, op, deadline, path)
+                # delete() may have removed (and create_sandbox_dir recreated) the directory
+                # while we waited; a lock on an unlinked file protects nothing.
+                try:
+                    on_disk = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError as exc:
+                    raise _Gone(
+                        f"sandbox {sandbox_id!r} was deleted while waiting for its lock",
+                        path=str(path.parent),
+                    ) from exc
+                mine = os.fstat(fd)
+                if (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino):
+                    return fd
+            except OSError as exc:
+                os.close(fd)
+                raise _wrap(exc, "cannot lock", path) from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # replaced by a new sandbox of the same id: lock that one
+
+    def _flock(self, fd: int, op: int, deadline: float | None, path: Path) -> None:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if deadline is None:
+            fcntl.flock(fd, op)
+            return
+        delay = 0.001
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StoreError(
+                    f"timed out after {self._lock_timeout:g} s waiting for the lock", path=str(path)
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.02)
+            try:
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                continue
+
+    def _read(self, sandbox_id: str) -> SandboxDocument:
+        path = self.state_path(sandbox_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"sandbox {sandbox_id!r} has no state document", path=str(path)
+            ) from exc
+        except OSError as exc:
+            raise _wrap(exc, "cannot open", path) from exc
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise _wrap(exc, "cannot read", path) from exc
+        document = SandboxDocument.from_json(data, path=str(path))
+        if document.id != sandbox_id:
+            raise StoreError(
+                f"document belongs to sandbox {document.id!r}, not {sandbox_id!r}", path=str(path)
+            )
+        return document
+
+    def _write(self, sandbox_id: str, data: bytes) -> None:
+        """Temp file + fsync + rename + fsync(dir). Caller holds the exclusive lock."""
+        directory = self.sandbox_dir(sandbox_id)
+        target = directory / STATE_FILE
+        try:
+            # Holding the exclusive lock, any temp file left here is from a crashed writer.
+            for stale in directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=directory)
+            try:
+                try:
+                    os.fchmod(fd, _FILE_MODE)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise _wrap(exc, "cannot write state document", target) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_doc(sandbox_id: str, document: SandboxDocument, operation: str) -> None:
+    validate_sandbox_id(sandbox_id)
+    if document.id != sandbox_id:
+        raise StoreError(
+            f"cannot {operation} document of sandbox {document.id!r} as sandbox {sandbox_id!r}"
+        )
+
+
+def _wrap(exc: OSError, action: str, path: Path | str) -> StoreError:
+    reason = exc.strerror or str(exc)
+    name = errno.errorcode.get(exc.errno, "") if exc.errno is not None else ""
+    return StoreError(f"{action}: {reason}" + (f" ({name})" if name else ""), path=str(path))
+
+
+def _mkdir_private(path: Path) -> None:
+    """``mkdir -p`` where every directory *we* create is 0700; existing ones are left alone."""
+    if os.path.isdir(path):
+        return
+    _mkdir_private(path.parent)
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        return  # created concurrently, or not a directory (the caller's next step reports it)
+    os.chmod(path, _DIR_MODE)
+
+
+def _open_private(path: Path) -> int:
+    """Open (creating if needed) a 0600 file, never following a symlink."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, _FILE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:
+            os.fchmod(fd, _FILE_MODE)  # the umask may have removed bits
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
