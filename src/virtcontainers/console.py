@@ -1,0 +1,123 @@
+"""The console watcher: every byte the guest prints, into ``console.log`` and the logger.
+
+Two rules make the log complete (the reference's fix for truncated logs, kata #1696):
+
+* Connect before the guest can speak. A chardev socket with no client drops output, so the
+  VMM's console socket is created with ``wait=on``: the VMM does not run the guest until the
+  watcher is connected.
+* Stop only after the VMM has exited. The watcher then reads to end-of-file, so the guest's
+  last shutdown lines are kept. :meth:`ConsoleWatcher.close_now` exists for the abrupt case
+  (and to show, in a test, what the wrong order loses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from virtcontainers.errors import HypervisorTimeout
+
+__all__ = ["ConsoleWatcher"]
+
+_CHUNK = 65536
+
+
+class ConsoleWatcher:
+    """Reads a console unix socket into ``log_path`` (append, 0600) and ``logger``."""
+
+    def __init__(self, socket_path: Path, log_path: Path, logger: logging.Logger) -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self._logger = logger
+        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._partial = b""
+        self.lines = 0
+
+    async def connect(
+        self, deadline: float, *, abort: asyncio.Future[None] | None = None
+    ) -> None:
+        """Connect, retrying every 10 ms until the monotonic ``deadline``.
+
+        ``abort`` (e.g. "the VMM exited") ends the wait early with the future's exception.
+
+        Raises:
+            HypervisorTimeout: the socket did not accept a connection in time.
+        """
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if abort is not None and abort.done():
+                    abort.result()
+                if time.monotonic() >= deadline:
+                    raise HypervisorTimeout(
+                        f"connecting the console at {self.socket_path}", 0
+                    ) from None
+                await asyncio.sleep(0.01)
+        self._writer = writer
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._task = asyncio.create_task(self._pump(reader, fd), name=f"console:{self.log_path}")
+
+    async def _pump(self, reader: asyncio.StreamReader, fd: int) -> None:
+        try:
+            while chunk := await reader.read(_CHUNK):
+                os.write(fd, chunk)
+                self._log_lines(chunk)
+        except (ConnectionError, OSError) as exc:
+            self._logger.debug("console read ended: %s", exc)
+        finally:
+            if self._partial:
+                self._emit(self._partial)
+                self._partial = b""
+            os.close(fd)
+
+    def _log_lines(self, chunk: bytes) -> None:
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        self.lines += 1
+        self._logger.debug("%s", line.rstrip(b"\r").decode(errors="replace"))
+
+    @property
+    def connected(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def wait_closed(self, timeout: float) -> bool:
+        """Wait for end-of-file (the VMM closed the console on exit), up to ``timeout``.
+
+        Returns True when everything was read; on timeout the watcher is closed and False
+        returned.
+        """
+        if self._task is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            await self.close_now()
+            return False
+        finally:
+            self._close_writer()
+        return True
+
+    async def close_now(self) -> None:
+        """Stop reading at once. What the guest prints afterwards is lost."""
+        self._close_writer()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,245 @@
+"""The QEMU command line, built from a HypervisorConfig as a list (never a shell string).
+
+Machine types and what each can do:
+
+========  =========  ==============  =================================================
+machine   bus        device hotplug  notes
+========  =========  ==============  =================================================
+q35       PCIe       yes             pci-bridge with SHPC for block/net hot-plug
+pc        PCI        yes             ACPI hot-plug on the bridge
+microvm   virtio-mmio  no            fastest boot; no PCI, so no device hot-plug
+========  =========  ==============  =================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtcontainers.config import HypervisorConfig, Param, serialize_params
+from virtcontainers.config.defaults import (
+    NVDIMM_KERNEL_ROOT_PARAMS,
+    VIRTIO_BLK_KERNEL_ROOT_PARAMS,
+    BlockDriver,
+)
+from virtcontainers.errors import ConfigError
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "BRIDGE_SLOTS",
+    "DEFAULT_MEM_SLOTS",
+    "MACHINE_TYPES",
+    "QemuPaths",
+    "build_argv",
+    "kernel_params",
+]
+
+MACHINE_TYPES = ("q35", "pc", "microvm")
+PCI_MACHINES = ("q35", "pc")
+#: The guest agent finds its virtio-serial port by this name.
+AGENT_PORT_NAME = "vc.agent"
+#: Kata's build default for memory slots when the config leaves it at 0.
+DEFAULT_MEM_SLOTS = 10
+#: Slots 1..30 of each bridge take hot-plugged devices (0 is reserved, 31 is not hot-pluggable
+#: on every machine).
+BRIDGE_SLOTS = range(1, 31)
+
+# The reference's kernel parameters for QEMU on amd64, minus ``console=hvc0`` (chosen below)
+# and ``pci=lastbus=0`` (it hides devices behind our PCI bridges from the boot scan).
+_KERNEL_PARAMS = (
+    Param("tsc", "reliable"),
+    Param("no_timer_check"),
+    Param("rcupdate.rcu_expedited", "1"),
+    Param("i8042.direct", "1"),
+    Param("i8042.dumbkbd", "1"),
+    Param("i8042.nopnp", "1"),
+    Param("i8042.noaux", "1"),
+    Param("noreplace-smp"),
+    Param("reboot", "k"),
+    Param("cryptomgr.notests"),
+    Param("net.ifnames", "0"),
+    Param("panic", "1"),
+)
+
+
+@dataclass(frozen=True)
+class QemuPaths:
+    """Where one VM's host-side files live (all inside its 0700 run dir)."""
+
+    run_dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    def sockets(self) -> tuple[Path, ...]:
+        return (self.qmp, self.console, self.agent)
+
+
+def kernel_params(cfg: HypervisorConfig, console: str, root_on_nvdimm: bool) -> list[str]:
+    """The guest kernel command line: reference defaults, root, console, debug, user params."""
+    params = list(_KERNEL_PARAMS)
+    if cfg.image_asset_path() and not cfg.initrd_asset_path():
+        params += NVDIMM_KERNEL_ROOT_PARAMS if root_on_nvdimm else VIRTIO_BLK_KERNEL_ROOT_PARAMS
+    params.append(Param("console", console))
+    params += [Param("debug")] if cfg.debugging.debug else [Param("quiet")]
+    params += cfg.boot.kernel_params
+    return serialize_params(params, "=")
+
+
+def build_argv(
+    cfg: HypervisorConfig,
+    *,
+    binary: str,
+    sandbox_id: str,
+    uuid: str,
+    paths: QemuPaths,
+    accel: str,
+    host_memory_mb: int,
+) -> list[str]:
+    """The full argv for a validated ``cfg``.
+
+    Raises:
+        ConfigError: unknown machine type, or an unsupported combination (e.g. a rootfs image
+            on microvm with nvdimm).
+    """
+    machine = cfg.boot.hypervisor_machine_type or "q35"
+    if machine not in MACHINE_TYPES:
+        raise ConfigError(
+            f"unknown machine type {machine!r}",
+            field="boot.hypervisor_machine_type",
+            allowed=MACHINE_TYPES,
+        )
+    r = cfg.resources
+    pci = machine in PCI_MACHINES
+    image = cfg.image_asset_path()
+    use_nvdimm = (
+        bool(image)
+        and not cfg.initrd_asset_path()
+        and pci
+        and (
+            not cfg.boot.disable_image_nvdimm
+            or cfg.storage.block_device_driver == BlockDriver.NVDIMM
+        )
+    )
+    # hvc0 needs virtio_console built into the kernel; Debian's is a module, so the serial
+    # port (built in everywhere) carries the console unless the user asks for hvc0.
+    wants_hvc0 = any(p.key == "console" and p.value == "hvc0" for p in cfg.boot.kernel_params)
+    console = "hvc0" if wants_hvc0 else "ttyS0"
+
+    machine_opts = [machine, f"accel={accel}"]
+    if use_nvdimm:
+        machine_opts.append("nvdimm=on")
+    if machine == "microvm":
+        machine_opts += ["x-option-roms=off", "pit=off", "pic=off", "rtc=on", "isa-serial=on"]
+    if cfg.boot.machine_accelerators:
+        machine_opts.append(cfg.boot.machine_accelerators)
+
+    cpu = "host" if accel == "kvm" else "max"
+    if cfg.boot.cpu_features:
+        cpu += "," + cfg.boot.cpu_features
+
+    slots = r.mem_slots or DEFAULT_MEM_SLOTS
+    maxmem = max(host_memory_mb, r.memory_size)
+    if use_nvdimm:
+        maxmem += _image_mib(image) + r.mem_offset
+    memory = f"{r.memory_size}M"
+    if pci:
+        memory += f",slots={slots},maxmem={maxmem}M"
+
+    argv = [
+        binary,
+        "-name", f"sandbox-{sandbox_id}",
+        "-uuid", uuid,
+        "-machine", ",".join(machine_opts),
+        "-cpu", cpu,
+        "-m", memory,
+        "-smp", f"{r.num_vcpus},cores=1,threads=1,sockets={r.default_max_vcpus},"
+        f"maxcpus={r.default_max_vcpus}",
+        # Console first: wait=on keeps the guest from running until the watcher is connected,
+        # so not a byte of the boot log is dropped.
+        "-chardev", f"socket,id=console,path={paths.console},server=on,wait=on",
+        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
+        "-pidfile", str(paths.pidfile),
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]  # fmt: skip
+    virtio = "pci" if pci else "device"
+    argv += ["-device", f"virtio-serial-{virtio},id=vcserial"]
+    if console == "hvc0":
+        argv += ["-device", "virtconsole,bus=vcserial.0,chardev=console,id=console0"]
+    else:
+        argv += ["-serial", "chardev:console"]
+    argv += [
+        "-device",
+        f"virtserialport,bus=vcserial.0,chardev=agent,name={AGENT_PORT_NAME},id=agent0",
+    ]
+    if pci:
+        bus = "pcie.0" if machine == "q35" else "pci.0"
+        for i in range(cfg.devices.default_bridges):
+            # SHPC lets q35 guests hot-plug behind a conventional bridge; pc uses ACPI.
+            shpc = "on" if machine == "q35" else "off"
+            argv += [
+                "-device",
+                f"pci-bridge,bus={bus},id=pci-bridge-{i},chassis_nr={i + 1},shpc={shpc},"
+                f"addr={i + 2:#x}",
+            ]
+        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+        rng = cfg.boot.entropy_source or "/dev/urandom"
+        argv += ["-object", f"rng-random,id=rng0,filename={rng}"]
+        argv += ["-device", "virtio-rng-pci,rng=rng0"]
+    if cfg.resources.mem_prealloc:
+        argv += ["-mem-prealloc"]
+    if cfg.boot.firmware_path or cfg.firmware_asset_path():
+        argv += ["-bios", cfg.firmware_asset_path()]
+    argv += ["-kernel", cfg.kernel_asset_path()]
+    initrd = cfg.initrd_asset_path()
+    if initrd:
+        argv += ["-initrd", initrd]
+    elif use_nvdimm:
+        argv += [
+            "-object",
+            f"memory-backend-file,id=mem0,mem-path={image},size={_image_mib(image)}M,readonly=on",
+            "-device", "nvdimm,id=nv0,memdev=mem0,unarmed=on",
+        ]  # fmt: skip
+    else:
+        argv += [
+            "-drive", f"id=image,file={image},format=raw,if=none,readonly=on",
+            "-device", f"virtio-blk-{virtio},drive=image",
+        ]  # fmt: skip
+    argv += ["-append", " ".join(kernel_params(cfg, console, use_nvdimm))]
+    argv += serialize_params(cfg.boot.hypervisor_params, "")
+    return argv
+
+
+def _image_mib(path: str) -> int:
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return 0
+    return -(-size // (1 << 20))
