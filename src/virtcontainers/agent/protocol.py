@@ -1,0 +1,288 @@
+"""Wire format of the guest agent protocol (see ``docs/agent-protocol.md``).
+
+Every message is a frame::
+
+    0      4      5     6       8     12       16            20            24
+    +------+------+-----+-------+-----+--------+-------------+-------------+---------+
+    | VCAG | ver  | typ | flags | id  | length | payload crc | header crc  | payload |
+    +------+------+-----+-------+-----+--------+-------------+-------------+---------+
+
+big-endian integers, CRC-32 as ``zlib.crc32``. Control payloads are TLV lists
+(``tag:u16 length:u32 value``); data and window frames carry raw bytes.
+
+This module is pure (no I/O) so the codec can be tested byte by byte.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+from virtcontainers.errors import AgentError
+
+__all__ = [
+    "CHUNK",
+    "HEADER_SIZE",
+    "INITIAL_WINDOW",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "PROTOCOL_MAJOR",
+    "PROTOCOL_MINOR",
+    "SYNC_PREAMBLE",
+    "ErrorCode",
+    "Fields",
+    "Flag",
+    "Frame",
+    "FrameDecoder",
+    "FrameType",
+    "Tag",
+    "encode_frame",
+    "tlv",
+    "tlv_decode",
+    "tlv_encode",
+]
+
+MAGIC = b"VCAG"
+PROTOCOL_MAJOR = 1
+"""Frames carry this in their version byte; a different major version is incompatible."""
+PROTOCOL_MINOR = 0
+"""Additive changes (new optional tags, new request types) bump the minor version only."""
+
+_HEADER = struct.Struct(">4sBBHIIII")
+HEADER_SIZE = _HEADER.size  # 24
+MAX_PAYLOAD = 65536
+INITIAL_WINDOW = 256 * 1024
+"""Credit each side starts with per exec: stdin bytes (host→agent) and stdout+stderr bytes
+(agent→host) that may be in flight before the receiver sends WINDOW frames."""
+CHUNK = 32768
+"""Size of the data chunks the host sends (stdin, file contents)."""
+SYNC_PREAMBLE = bytes(HEADER_SIZE + MAX_PAYLOAD)
+"""Zero bytes a (re)attaching host sends first: they complete any frame a previous host left
+half-written on a virtio-serial port (which then fails its CRC) and are skipped as garbage."""
+
+
+class FrameType(IntEnum):
+    PING = 0x01
+    EXEC = 0x02
+    SIGNAL = 0x03
+    WRITE_FILE = 0x04
+    READ_FILE = 0x05
+    ONLINE_CPUS = 0x06
+    ONLINE_MEMORY = 0x07
+    SHUTDOWN = 0x08
+    OK = 0x40
+    ERROR = 0x41
+    STDIN = 0x80
+    STDOUT = 0x81
+    STDERR = 0x82
+    EXIT = 0x83
+    WINDOW = 0x84
+
+
+class Flag(IntFlag):
+    NONE = 0
+    EOF = 0x0001
+    """STDIN: no more input after this frame's payload."""
+
+
+class Tag(IntEnum):
+    ARG = 1
+    ENV = 2
+    CWD = 3
+    UID = 4
+    GID = 5
+    TTY = 6
+    TIMEOUT_MS = 7
+    EXEC_ID = 8
+    SIGNAL = 9
+    PATH = 10
+    MODE = 11
+    OFFSET = 12
+    DATA = 13
+    FINAL = 14
+    LENGTH = 15
+    SIZE = 16
+    EOF = 17
+    COUNT = 18
+    PROTO_MAJOR = 19
+    PROTO_MINOR = 20
+    AGENT_VERSION = 21
+    EXIT_CODE = 22
+    TIMED_OUT = 23
+    ERR_CODE = 24
+    ERRNO = 25
+    MESSAGE = 26
+    GROUP = 27
+    FAILED = 28
+    ROWS = 29
+    COLS = 30
+    PID = 31
+    CLEAR_ENV = 32
+    NO_STDIN = 33
+    DIRECT = 34
+
+
+CRITICAL = 0x8000
+"""Tag bit: a receiver that does not know this tag must reject the request."""
+
+
+class ErrorCode(IntEnum):
+    BAD_TYPE = 1
+    TOO_LARGE = 2
+    BAD_PAYLOAD = 3
+    BAD_VERSION = 4
+    NOT_FOUND = 5
+    OS = 6
+    EXEC = 7
+    LIMIT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: int
+    id: int
+    payload: bytes = b""
+    flags: int = 0
+    version: int = PROTOCOL_MAJOR
+
+
+def encode_frame(
+    ftype: int,
+    fid: int,
+    payload: bytes = b"",
+    flags: int = 0,
+    *,
+    version: int = PROTOCOL_MAJOR,
+) -> bytes:
+    """One frame as bytes. Raises ``ValueError`` for a payload over ``MAX_PAYLOAD``."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    head = _HEADER.pack(MAGIC, version, ftype, flags, fid, len(payload), zlib.crc32(payload), 0)[
+        :20
+    ]
+    return head + zlib.crc32(head).to_bytes(4, "big") + payload
+
+
+class FrameDecoder:
+    """Incremental decoder with resynchronisation.
+
+    Bytes that cannot start a valid frame (no magic, header CRC mismatch, payload CRC
+    mismatch, length over the maximum) are skipped and counted in ``garbage``.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.garbage = 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        return list(self._frames())
+
+    def _frames(self) -> Iterator[Frame]:
+        buf = self._buf
+        pos = 0
+        try:
+            while True:
+                start = buf.find(MAGIC, pos)
+                if start < 0:
+                    # keep a possible magic prefix at the very end
+                    keep = next(
+                        (k for k in (3, 2, 1) if buf.endswith(MAGIC[:k]) and len(buf) - k >= pos),
+                        0,
+                    )
+                    self.garbage += len(buf) - keep - pos
+                    pos = len(buf) - keep
+                    return
+                self.garbage += start - pos
+                pos = start
+                if len(buf) - pos < HEADER_SIZE:
+                    return
+                (_, version, ftype, flags, fid, length, pcrc, hcrc) = _HEADER.unpack_from(buf, pos)
+                if zlib.crc32(buf[pos : pos + 20]) != hcrc:
+                    self.garbage += 1
+                    pos += 1
+                    continue
+                if length > MAX_PAYLOAD:
+                    self.garbage += HEADER_SIZE
+                    pos += HEADER_SIZE
+                    continue
+                end = pos + HEADER_SIZE + length
+                if len(buf) < end:
+                    return
+                payload = bytes(buf[pos + HEADER_SIZE : end])
+                if zlib.crc32(payload) != pcrc:
+                    self.garbage += 1
+                    pos += 1
+                    continue
+                pos = end
+                yield Frame(ftype, fid, payload, flags, version)
+        finally:
+            del buf[:pos]
+
+
+def tlv(tag: int, value: bytes | str | int, width: int = 0) -> tuple[int, bytes]:
+    """One TLV item: ``str`` is UTF-8, ``int`` needs ``width`` (1, 4 or 8 bytes, unsigned)."""
+    if isinstance(value, str):
+        return tag, value.encode()
+    if isinstance(value, int):
+        if width not in (1, 4, 8):
+            raise ValueError(f"integer tag {tag} needs a width of 1, 4 or 8")
+        return tag, value.to_bytes(width, "big")
+    return tag, value
+
+
+def tlv_encode(items: Iterable[tuple[int, bytes]]) -> bytes:
+    out = bytearray()
+    for tag, value in items:
+        out += tag.to_bytes(2, "big") + len(value).to_bytes(4, "big") + value
+    return bytes(out)
+
+
+def tlv_decode(payload: bytes) -> list[tuple[int, bytes]]:
+    """Split a TLV payload. Raises ``AgentError`` when an item overruns the payload."""
+    items: list[tuple[int, bytes]] = []
+    off = 0
+    while off < len(payload):
+        if len(payload) - off < 6:
+            raise AgentError(f"malformed agent reply: truncated TLV header at offset {off}")
+        tag = int.from_bytes(payload[off : off + 2], "big")
+        length = int.from_bytes(payload[off + 2 : off + 6], "big")
+        if length > len(payload) - off - 6:
+            raise AgentError(f"malformed agent reply: TLV tag {tag} overruns the payload")
+        items.append((tag, payload[off + 6 : off + 6 + length]))
+        off += 6 + length
+    return items
+
+
+class Fields:
+    """Typed read access to a decoded TLV payload (last occurrence wins for scalars)."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.items = tlv_decode(payload)
+        self._last = dict(self.items)
+
+    def has(self, tag: Tag) -> bool:
+        return tag in self._last
+
+    def raw(self, tag: Tag, default: bytes = b"") -> bytes:
+        return self._last.get(tag, default)
+
+    def uint(self, tag: Tag, default: int | None = None) -> int:
+        value = self._last.get(tag)
+        if value is None:
+            if default is None:
+                raise AgentError(f"malformed agent reply: {tag.name} is missing")
+            return default
+        if len(value) not in (1, 4, 8):
+            raise AgentError(f"malformed agent reply: {tag.name} has {len(value)} bytes")
+        return int.from_bytes(value, "big")
+
+    def opt_uint(self, tag: Tag) -> int | None:
+        return self.uint(tag) if tag in self._last else None
+
+    def text(self, tag: Tag, default: str = "") -> str:
+        value = self._last.get(tag)
+        return default if value is None else value.decode(errors="replace")
