@@ -18,6 +18,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import tty
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -648,3 +649,64 @@ async def test_agent_under_valgrind(tmp_path: Path) -> None:
         assert code == 0, vlog.read_text()
     finally:
         gen.close()
+
+
+# --- serial transport ---------------------------------------------------------------------
+
+
+async def _pty_streams(master: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over a pty master: the host end of a stand-in serial port."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    rproto = asyncio.StreamReaderProtocol(reader)
+    await loop.connect_read_pipe(lambda: rproto, os.fdopen(os.dup(master), "rb", buffering=0))
+    wproto = asyncio.StreamReaderProtocol(asyncio.StreamReader())
+    wtransport, _ = await loop.connect_write_pipe(
+        lambda: wproto, os.fdopen(os.dup(master), "wb", buffering=0)
+    )
+    return reader, asyncio.StreamWriter(wtransport, wproto, reader, loop)
+
+
+async def test_serial_transport_and_host_reattach(agent_binary: Path, tmp_path: Path) -> None:
+    """Like virtio-serial, a pty does not tell the agent that the host went away."""
+    master, slave = os.openpty()
+    tty.setraw(slave)  # before the agent starts, so not even the first bytes are echoed
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"console=ttyS0 vc.agent=serial:{os.ttyname(slave)} quiet\n")
+    log = tmp_path / "agent.log"
+    with log.open("wb") as logf:
+        proc = subprocess.Popen(
+            [str(agent_binary), "--cmdline", str(cmdline), "--no-poweroff"],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        while "ready" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            await asyncio.sleep(0.01)
+        first = AgentClient(*await _pty_streams(master), timeout=10)
+        assert (await first.ping()).protocol_major == PROTOCOL_MAJOR
+        assert (await first.exec(["echo", "over serial"])).stdout == b"over serial\n"
+        binary = random.Random(5).randbytes(300_000)
+        assert (await first.exec(["cat"], stdin=binary)).stdout == binary
+        # the host dies half-way through a frame
+        first._writer.write(encode_frame(FrameType.EXEC, 1, bytes(200))[:60])
+        await first.close()
+
+        # A new host that does not resync has its first frames swallowed by the stale one...
+        naive = AgentClient(*await _pty_streams(master), timeout=0.5, resync=False)
+        with pytest.raises(AgentError, match="timed out"):
+            await naive.ping()
+        await naive.close()
+        # ...one that sends the sync preamble (the default) gets through.
+        second = AgentClient(*await _pty_streams(master), timeout=10)
+        assert (await second.ping()).protocol_major == PROTOCOL_MAJOR
+        assert (await second.exec(["echo", "again"])).stdout == b"again\n"
+        await second.shutdown()
+        await second.close()
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)

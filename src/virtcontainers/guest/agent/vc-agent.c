@@ -1386,6 +1386,38 @@ static int listen_on(const char *what, const char *arg)
     return fd;
 }
 
+/* Without a transport on argv, the kernel command line may name one (the guest init runs us
+ * without arguments): vc.agent=serial:NAME, vc.agent=vsock or vc.agent=vsock:PORT. */
+static void transport_from_cmdline(const char *path, const char **serial, const char **vsock_port)
+{
+    static char line[4096];
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t r = read(fd, line, sizeof line - 1);
+    close(fd);
+    if (r <= 0)
+        return;
+    line[r] = 0;
+    for (char *tok = strtok(line, " \t\n"); tok; tok = strtok(NULL, " \t\n")) {
+        if (strncmp(tok, "vc.agent=", 9))
+            continue;
+        const char *v = tok + 9;
+        if (!strcmp(v, "vsock")) {
+            transport = TR_VSOCK;
+            *vsock_port = "1024";
+        } else if (!strncmp(v, "vsock:", 6) && v[6]) {
+            transport = TR_VSOCK;
+            *vsock_port = v + 6;
+        } else if (!strncmp(v, "serial:", 7) && v[7]) {
+            transport = TR_SERIAL;
+            *serial = v + 7;
+        } else {
+            logmsg("ignoring unknown %s", tok);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ main loop */
 
 enum { K_SIG, K_CHAN, K_LISTEN, K_EXEC_IN, K_EXEC_OUT, K_EXEC_ERR };
@@ -1393,24 +1425,34 @@ enum { K_SIG, K_CHAN, K_LISTEN, K_EXEC_IN, K_EXEC_OUT, K_EXEC_ERR };
 static void usage(void)
 {
     fprintf(stderr, "usage: vc-agent [--serial NAME|PATH | --vsock PORT | --unix PATH]\n"
-                    "                [--sysfs-root DIR] [--no-poweroff] [--verbose] [--version]\n");
+                    "                [--sysfs-root DIR] [--cmdline FILE] [--no-poweroff]\n"
+                    "                [--verbose] [--version]\n"
+                    "Without a transport option: vc.agent=serial:NAME|vsock[:PORT] from the\n"
+                    "kernel command line, else the virtio-serial port named vc.agent.\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
     const char *serial = "vc.agent", *vsock_port = NULL, *unix_path = NULL;
+    const char *cmdline = "/proc/cmdline";
+    int chosen = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--serial") && i + 1 < argc) {
             serial = argv[++i];
             transport = TR_SERIAL;
+            chosen = 1;
         } else if (!strcmp(a, "--vsock") && i + 1 < argc) {
             vsock_port = argv[++i];
             transport = TR_VSOCK;
+            chosen = 1;
         } else if (!strcmp(a, "--unix") && i + 1 < argc) {
             unix_path = argv[++i];
             transport = TR_UNIX;
+            chosen = 1;
+        } else if (!strcmp(a, "--cmdline") && i + 1 < argc) {
+            cmdline = argv[++i];
         } else if (!strcmp(a, "--sysfs-root") && i + 1 < argc) {
             sysfs_root = argv[++i];
         } else if (!strcmp(a, "--no-poweroff")) {
@@ -1424,6 +1466,8 @@ int main(int argc, char **argv)
             usage();
         }
     }
+    if (!chosen)
+        transport_from_cmdline(cmdline, &serial, &vsock_port);
     /* init may start us with fds 0-2 closed: keep pipes and sockets off them */
     for (int fd = 0; fd < 3; fd++)
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
