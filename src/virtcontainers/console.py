@@ -38,9 +38,7 @@ class ConsoleWatcher:
         self._partial = b""
         self.lines = 0
 
-    async def connect(
-        self, deadline: float, *, abort: asyncio.Future[None] | None = None
-    ) -> None:
+    async def connect(self, deadline: float, *, abort: asyncio.Future[None] | None = None) -> None:
         """Connect, retrying every 10 ms until the monotonic ``deadline``.
 
         ``abort`` (e.g. "the VMM exited") ends the wait early with the future's exception.
@@ -112,10 +110,11 @@ class ConsoleWatcher:
     async def close_now(self) -> None:
         """Stop reading at once. What the guest prints afterwards is lost."""
         self._close_writer()
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     def _close_writer(self) -> None:
         if self._writer is not None:

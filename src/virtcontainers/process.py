@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -79,15 +80,15 @@ class VmmProcess:
         return self._child.returncode if self._child is not None else None
 
     def alive(self) -> bool:
-        if self._child is not None:
-            return self._child.returncode is None
+        """False as soon as the process has exited, even before it is reaped."""
+        if self._child is not None and self._child.returncode is not None:
+            return False
         if self._pidfd is None:
             return False
-        try:
-            signal.pidfd_send_signal(self._pidfd, 0)
-        except ProcessLookupError:
-            return False
-        return not _is_zombie(self.pid)
+        # A pidfd polls readable once the process has exited (zombie or reaped).
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     async def wait(self, timeout: float | None) -> bool:
         """Wait until the process has exited; True if it did within ``timeout`` seconds."""
@@ -176,14 +177,6 @@ class VmmProcess:
         except OSError:
             return ""
         return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def process_matches(pid: int, needle: str) -> bool:

@@ -140,6 +140,16 @@ class QemuHypervisor(ResizeByHotplug):
             raise self._error("QMP is not connected")
         return self._qmp
 
+    async def qmp(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """Run a raw QMP command on the running VM (diagnostics, features we don't wrap).
+
+        Raises:
+            ApiError: QEMU refused the command.
+            HypervisorError: the VM is not running.
+        """
+        self._require("run a QMP command", VmState.RUNNING, VmState.PAUSED)
+        return await self._guarded(command, self._qmp_or_fail().execute(command, arguments))
+
     # -- VM manager ---------------------------------------------------------------------
 
     async def create_sandbox(
@@ -360,7 +370,14 @@ class QemuHypervisor(ResizeByHotplug):
             code = self._process.returncode if self._process else None
             self._set_state(VmState.FAILED)
             raise self._error(f"QEMU is not running (exit code {code})")
-        info = as_dict(await self._qmp_or_fail().execute("query-status", timeout=5.0))
+        try:
+            info = as_dict(await self._qmp_or_fail().execute("query-status", timeout=5.0))
+        except HypervisorError:
+            # A dying QEMU closes its sockets a moment before it becomes a zombie.
+            if not await self._process.wait(1.0):
+                raise
+            self._set_state(VmState.FAILED)
+            raise self._error("QEMU is not running (it exited during the check)") from None
         status = info.get("status")
         if status in ("internal-error", "guest-panicked"):
             raise self._error(f"guest is in state {status}")

@@ -397,11 +397,7 @@ async def remove_pci(
 
 
 async def _unplug(qmp: Qmp, dev_id: str) -> None:
-    done = await qmp.execute_until_event(
-        "device_del", {"id": dev_id}, event="DEVICE_DELETED", match={"device": dev_id},
-        timeout=UNPLUG_TIMEOUT,
-    )  # fmt: skip
-    if not done:
+    if not await qmp.device_del(dev_id, timeout=UNPLUG_TIMEOUT):
         raise HypervisorTimeout(f"guest releasing device {dev_id}", UNPLUG_TIMEOUT, driver="qemu")
 
 

@@ -56,6 +56,9 @@ class Qmp:
         while True:
             client = QMPClient(f"qmp-{self.sandbox_id}")
             try:
+                # Poll for the socket first: qemu.qmp logs every refused attempt as an error.
+                if not self.path.exists():
+                    raise ConnectError("socket not created yet", FileNotFoundError())
                 await client.connect(str(self.path))
                 self._client = client
                 return
@@ -109,38 +112,45 @@ class Qmp:
         """Pass ``fd`` to QEMU (follow with ``getfd``)."""
         self._require().send_fd_scm(fd)
 
-    async def execute_until_event(
-        self,
-        cmd: str,
-        args: Mapping[str, object],
-        *,
-        event: str,
-        match: Mapping[str, str],
-        timeout: float,
-    ) -> bool:
-        """Run ``cmd`` and wait for ``event`` whose data contains ``match`` (e.g. device_del
-        then DEVICE_DELETED). The listener is registered first, so the event can't be missed.
-        Returns False when the event did not come within ``timeout``."""
-        listener = EventListener(event)
-        with self._require().listen(listener):
-            await self.execute(cmd, args)
-            try:
-                async with asyncio.timeout(timeout):
+    async def device_del(self, dev_id: str, *, timeout: float) -> bool:
+        """``device_del`` and wait until the guest has released the device.
+
+        The listener is registered before the command, so the event can't be missed. QEMU
+        may announce the deletion only through a child (a CPU's ``.../lapic``), so any
+        ``DEVICE_DELETED`` under ``/machine/peripheral/<id>`` counts, and the device's
+        absence is then confirmed with ``qom-list``. False when the guest did not let go
+        within ``timeout``.
+        """
+        path = f"/machine/peripheral/{dev_id}"
+        listener = EventListener("DEVICE_DELETED")
+        try:
+            async with asyncio.timeout(timeout):
+                with self._require().listen(listener):
+                    await self.execute("device_del", {"id": dev_id})
                     while True:
-                        msg = await listener.get()
-                        data = as_dict(msg.get("data"))
-                        if all(data.get(k) == v for k, v in match.items()):
-                            return True
-            except TimeoutError:
-                return False
+                        data = as_dict((await listener.get()).get("data"))
+                        event_path = str(data.get("path", ""))
+                        if data.get("device") == dev_id or event_path.startswith(path):
+                            break
+                # Polled by deadline: QEMU sends no event when the parent finally goes.
+                while await self._peripheral_exists(dev_id):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _peripheral_exists(self, dev_id: str) -> bool:
+        children = as_list(await self.execute("qom-list", {"path": "/machine/peripheral"}))
+        return any(as_dict(c).get("name") == dev_id for c in children)
 
     async def disconnect(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             try:
                 await client.disconnect()
-            except (QMPError, OSError) as exc:
-                log.debug("QMP disconnect: %s", exc)
+            except (QMPError, OSError, EOFError) as exc:
+                # QEMU closing the socket as it exits (after ``quit``) is the normal case.
+                log.debug("QMP disconnect: %r", exc)
 
     def _require(self) -> QMPClient:
         if self._client is None:
