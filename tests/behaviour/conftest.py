@@ -7,13 +7,20 @@ behind the driver's back. Drivers that cannot run on this host skip with the rea
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from virtcontainers.config import HypervisorConfig
+from tests.integration.conftest import guest_image  # noqa: F401  (fixture)
+from tests.integration.qemu_helpers import guest_config, wait_for_console
 from virtcontainers.drivers.mock import MockHypervisor
+from virtcontainers.drivers.qemu import QemuHypervisor
+from virtcontainers.guest.image import GuestImage
 from virtcontainers.hypervisor import Hypervisor
 
 
@@ -30,6 +37,9 @@ class Harness(abc.ABC):
     @abc.abstractmethod
     def kill_vmm(self, hv: Hypervisor) -> None:
         """Make the VMM die as if it crashed."""
+
+    async def guest_ready(self, hv: Hypervisor) -> None:
+        """Wait until the guest OS is up (hot-unplug needs the guest's cooperation)."""
 
 
 class MockHarness(Harness):
@@ -53,12 +63,35 @@ class MockHarness(Harness):
         hv.crash()
 
 
-HARNESSES: dict[str, Callable[[], Harness]] = {"mock": MockHarness}
+class QemuHarness(Harness):
+    """Real QEMU (TCG here) booting the project's guest image, held up by a console shell."""
+
+    name = "qemu"
+
+    def __init__(self, image: GuestImage) -> None:
+        self.image = image
+
+    def config(self, tmp: Path) -> HypervisorConfig:
+        return guest_config(self.image, tmp)
+
+    def new(self, tmp: Path) -> Hypervisor:
+        return QemuHypervisor()
+
+    def kill_vmm(self, hv: Hypervisor) -> None:
+        os.kill(hv.get_pids()[0], signal.SIGKILL)
+
+    async def guest_ready(self, hv: Hypervisor) -> None:
+        assert isinstance(hv, QemuHypervisor)
+        await wait_for_console(hv.paths.console_log, "vc-init: ready")
 
 
-@pytest.fixture(params=sorted(HARNESSES))
+@pytest.fixture(params=["mock", pytest.param("qemu", marks=pytest.mark.integration)])
 def harness(request: pytest.FixtureRequest) -> Harness:
-    return HARNESSES[request.param]()
+    if request.param == "qemu":
+        if shutil.which("qemu-system-x86_64") is None:
+            pytest.skip("qemu-system-x86_64 is not installed")
+        return QemuHarness(request.getfixturevalue("guest_image"))
+    return MockHarness()
 
 
 @pytest.fixture
@@ -70,6 +103,7 @@ async def running(harness: Harness, tmp_path: Path) -> AsyncIterator[Hypervisor]
     await hv.create_sandbox("behave", NetworkNamespace(), harness.config(tmp_path))
     await hv.start_sandbox(timeout=60)
     try:
+        await harness.guest_ready(hv)
         yield hv
     finally:
         await hv.stop_sandbox()
