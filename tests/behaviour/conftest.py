@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from virtcontainers.config import HypervisorConfig
 from tests.integration.conftest import guest_image  # noqa: F401  (fixture)
 from tests.integration.qemu_helpers import guest_config, wait_for_console
+from virtcontainers.config import HypervisorConfig
 from virtcontainers.drivers.mock import MockHypervisor
 from virtcontainers.drivers.qemu import QemuHypervisor
 from virtcontainers.guest.image import GuestImage
@@ -38,7 +38,7 @@ class Harness(abc.ABC):
     def kill_vmm(self, hv: Hypervisor) -> None:
         """Make the VMM die as if it crashed."""
 
-    async def guest_ready(self, hv: Hypervisor) -> None:
+    async def guest_ready(self, hv: Hypervisor) -> None:  # noqa: B027 (optional hook)
         """Wait until the guest OS is up (hot-unplug needs the guest's cooperation)."""
 
 
