@@ -127,6 +127,7 @@ static void logmsg(const char *fmt, ...)
     (void)w;
 }
 
+static void die(const char *what) __attribute__((noreturn));
 static void die(const char *what)
 {
     logmsg("fatal: %s: %s", what, strerror(errno));
@@ -141,6 +142,16 @@ static void *xrealloc(void *p, size_t n)
         die("realloc");
     }
     return q;
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        errno = ENOMEM;
+        die("malloc");
+    }
+    return p;
 }
 
 static int64_t now_ms(void)
@@ -390,9 +401,9 @@ static int parse_fields(const uint8_t *p, uint32_t n, struct fields *f, char *er
             }
         }
     }
-    f->args = xrealloc(NULL, sizeof(char *) * (size_t)(nargs + 1));
-    f->envs = xrealloc(NULL, sizeof(char *) * (size_t)(nenvs + 1));
-    f->arena = xrealloc(NULL, strbytes + 1);
+    f->args = xmalloc(sizeof(char *) * (size_t)(nargs + 1));
+    f->envs = xmalloc(sizeof(char *) * (size_t)(nenvs + 1));
+    f->arena = xmalloc(strbytes + 1);
     char *a = f->arena;
     for (size_t off = 0; off < n;) { /* pass 2: fill */
         uint16_t tag = rd16(p + off);
@@ -816,7 +827,7 @@ static void do_exec(uint32_t id, struct fields *f)
         close(cout);
         close(cerr);
     }
-    struct exec *e = xrealloc(NULL, sizeof *e);
+    struct exec *e = xmalloc(sizeof *e);
     memset(e, 0, sizeof *e);
     e->id = next_exec_id++;
     if (!next_exec_id)
@@ -1353,6 +1364,10 @@ static int open_serial(const char *name)
 static int listen_on(const char *what, const char *arg)
 {
     int fd;
+    if (!arg) {
+        logmsg("fatal: no %s address", what);
+        exit(2);
+    }
     if (!strcmp(what, "unix")) {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
         if (strlen(arg) >= sizeof sa.sun_path) {
@@ -1501,13 +1516,14 @@ int main(int argc, char **argv)
     logmsg("ready: version %s protocol %d.%d on %s", AGENT_VERSION, PROTO_MAJOR, PROTO_MINOR,
            transport == TR_UNIX ? unix_path : transport == TR_VSOCK ? "vsock" : serial);
 
-    struct pollfd *pfds = xrealloc(NULL, sizeof *pfds * (3 + 2 * MAX_EXECS));
-    struct { int kind; struct exec *e; } *refs = xrealloc(NULL, sizeof *refs * (3 + 2 * MAX_EXECS));
+    struct pollfd *pfds = xmalloc(sizeof *pfds * (3 + 2 * MAX_EXECS));
+    struct { int kind; struct exec *e; } *refs = xmalloc(sizeof *refs * (3 + 2 * MAX_EXECS));
     for (;;) {
         int n = 0;
         int64_t now = now_ms();
         int timeout = -1;
         pfds[n] = (struct pollfd){.fd = sfd, .events = POLLIN};
+        refs[n].e = NULL;
         refs[n++].kind = K_SIG;
         int chan_busy = chan_out.len >= OUT_HIGH;
         if (chan_fd >= 0) {
@@ -1527,10 +1543,12 @@ int main(int argc, char **argv)
             }
             if (ev) {
                 pfds[n] = (struct pollfd){.fd = chan_fd, .events = ev};
+                refs[n].e = NULL;
                 refs[n++].kind = K_CHAN;
             }
         } else if (listen_fd >= 0) {
             pfds[n] = (struct pollfd){.fd = listen_fd, .events = POLLIN};
+            refs[n].e = NULL;
             refs[n++].kind = K_LISTEN;
         }
         for (int i = 0; i < nexecs; i++) {
