@@ -447,6 +447,12 @@ async def test_agent_death_fails_waiters(client: AgentClient, agent: Agent) -> N
         await client.ping()
 
 
+def test_sigterm_removes_the_socket(agent: Agent) -> None:
+    agent.proc.terminate()
+    assert agent.proc.wait(timeout=10) == 0
+    assert not os.path.exists(agent.sock)
+
+
 async def test_hybrid_vsock_handshake(agent: Agent) -> None:
     """A stand-in for Firecracker's hybrid vsock socket in front of the agent."""
     uds = agent.sock + ".hv"

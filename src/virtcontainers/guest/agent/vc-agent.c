@@ -636,11 +636,20 @@ static void exec_free(struct exec *e)
     free(e);
 }
 
+static const char *unix_path;
+
 static void reap_children(int sfd)
 {
     struct signalfd_siginfo si;
-    while (read(sfd, &si, sizeof si) == (ssize_t)sizeof si)
-        ;
+    while (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+        if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) {
+            /* leave no stale socket behind; children keep running like after any exit */
+            if (unix_path)
+                unlink(unix_path);
+            logmsg("terminated by signal %u", si.ssi_signo);
+            exit(0);
+        }
+    }
     for (;;) {
         int st;
         pid_t p = waitpid(-1, &st, WNOHANG);
@@ -1449,7 +1458,7 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    const char *serial = "vc.agent", *vsock_port = NULL, *unix_path = NULL;
+    const char *serial = "vc.agent", *vsock_port = NULL;
     const char *cmdline = "/proc/cmdline";
     int chosen = 0;
     for (int i = 1; i < argc; i++) {
@@ -1492,6 +1501,8 @@ int main(int argc, char **argv)
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
     if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
         die("sigprocmask");
     int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
