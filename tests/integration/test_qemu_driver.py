@@ -14,6 +14,7 @@ from virtcontainers.devices import (
     BlockDrive,
     CpuDevice,
     MemoryDevice,
+    NetDevice,
     VfioDevice,
     VhostUserDevice,
     VhostUserKind,
@@ -212,6 +213,24 @@ async def test_vfio_and_vhost_user_requests_reach_qemu(
                 VhostUserDevice(socket_path=str(sock), id="vub0", type=VhostUserKind.BLK)
             )
         await hv.check()
+    finally:
+        await hv.stop_sandbox()
+        await hv.cleanup()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a tap device needs root")
+async def test_net_hotplug_passes_a_tap_fd(guest_image: GuestImage, tmp_path: Path) -> None:
+    hv = await _started(guest_image, tmp_path)
+    try:
+        await wait_for_console(hv.paths.console_log, "vc-init: ready")
+        nic = await hv.hotplug_add_device(
+            NetDevice(id="nic0", tap_name=f"vctap{os.getpid() % 10000}", mac="02:00:00:00:00:42")
+        )
+        assert nic.pci_path == "02/01"
+        assert "nic0" in _pci_ids(await hv.qmp("query-pci"))
+        info = str(await hv.qmp("human-monitor-command", {"command-line": "info network"}))
+        assert "netdev-nic0" in info
+        assert "02:00:00:00:00:42" in info
     finally:
         await hv.stop_sandbox()
         await hv.cleanup()
