@@ -12,7 +12,7 @@ import enum
 import importlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar
 
@@ -129,12 +129,6 @@ class SandboxContext(Protocol):
     def run_dir(self) -> Path: ...
 
 
-@dataclass
-class _Lifecycle:
-    state: VmState = VmState.NEW
-    history: list[VmState] = field(default_factory=list)
-
-
 class Hypervisor(abc.ABC):
     """One VM, driven through a VMM. Create, then start; stop is idempotent.
 
@@ -147,7 +141,7 @@ class Hypervisor(abc.ABC):
     driver: ClassVar[HypervisorType]
 
     def __init__(self) -> None:
-        self._lifecycle = _Lifecycle()
+        self._state = VmState.NEW
         self._sandbox: SandboxContext | None = None
         self.sandbox_id = ""
 
@@ -155,21 +149,20 @@ class Hypervisor(abc.ABC):
 
     @property
     def state(self) -> VmState:
-        return self._lifecycle.state
+        return self._state
 
     def _set_state(self, new: VmState) -> None:
-        old = self._lifecycle.state
+        old = self._state
         if old is not new:
             log.debug("%s %s: %s -> %s", self.driver, self.sandbox_id, old, new)
-            self._lifecycle.history.append(old)
-            self._lifecycle.state = new
+            self._state = new
 
     def _require(self, operation: str, *allowed: VmState) -> None:
         """Raise StateError unless the VM is in one of ``allowed``."""
-        if self._lifecycle.state not in allowed:
+        if self._state not in allowed:
             raise StateError(
                 operation,
-                self._lifecycle.state.value,
+                self._state.value,
                 [s.value for s in allowed],
                 driver=self.driver.value,
                 sandbox_id=self.sandbox_id,

@@ -17,6 +17,8 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from virtcontainers.errors import HypervisorTimeout
+
 __all__ = ["VmmProcess", "process_matches"]
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,7 @@ class VmmProcess:
         log.warning("pid %d ignored SIGTERM for %.1f s; sending SIGKILL", self.pid, term_timeout)
         self.send_signal(signal.SIGKILL)
         if not await self.wait(kill_timeout):
-            raise ProcessLookupError(f"pid {self.pid} survived SIGKILL for {kill_timeout} s")
+            raise HypervisorTimeout(f"pid {self.pid} exiting after SIGKILL", kill_timeout)
         return "sigkill"
 
     def close(self) -> None:

@@ -455,10 +455,6 @@ class QemuHypervisor(ResizeByHotplug):
     def _current_memory_mb(self) -> int:
         return self._config.resources.memory_size + self._hot.memory_mb
 
-    async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
-        self._require_pci("vCPU hot-plug")
-        return await super().resize_vcpus(vcpus)
-
     async def generate_socket(self, id: str) -> AgentSocket:
         """The agent's channel: vhost-vsock where the host has it, else virtio-serial."""
         if host.device_nodes(["/dev/vhost-vsock"])["/dev/vhost-vsock"]:
