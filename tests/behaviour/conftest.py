@@ -6,15 +6,17 @@ behind the driver's back. Drivers that cannot run on this host skip with the rea
 
 from __future__ import annotations
 
-import abc
+import importlib
 import os
+import pkgutil
 import shutil
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from tests.behaviour.harness import Harness
 from tests.integration.conftest import guest_image  # noqa: F401  (fixture)
 from tests.integration.qemu_helpers import guest_config, wait_for_console
 from virtcontainers.config import HypervisorConfig
@@ -22,24 +24,6 @@ from virtcontainers.drivers.mock import MockHypervisor
 from virtcontainers.drivers.qemu import QemuHypervisor
 from virtcontainers.guest.image import GuestImage
 from virtcontainers.hypervisor import Hypervisor
-
-
-class Harness(abc.ABC):
-    name: str
-
-    @abc.abstractmethod
-    def config(self, tmp: Path) -> HypervisorConfig:
-        """A valid, bootable config: 1 vCPU, max 4, 512 MiB, 4 memory slots."""
-
-    @abc.abstractmethod
-    def new(self, tmp: Path) -> Hypervisor: ...
-
-    @abc.abstractmethod
-    def kill_vmm(self, hv: Hypervisor) -> None:
-        """Make the VMM die as if it crashed."""
-
-    async def guest_ready(self, hv: Hypervisor) -> None:  # noqa: B027 (optional hook)
-        """Wait until the guest OS is up (hot-unplug needs the guest's cooperation)."""
 
 
 class MockHarness(Harness):
@@ -85,13 +69,35 @@ class QemuHarness(Harness):
         await wait_for_console(hv.paths.console_log, "vc-init: ready")
 
 
-@pytest.fixture(params=["mock", pytest.param("qemu", marks=pytest.mark.integration)])
+def _qemu(request: pytest.FixtureRequest) -> Harness:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    return QemuHarness(request.getfixturevalue("guest_image"))
+
+
+Maker = Callable[[pytest.FixtureRequest], Harness]
+
+
+def _discover() -> dict[str, tuple[Maker, list[pytest.MarkDecorator]]]:
+    """mock and qemu, plus every ``tests/behaviour/harness_<driver>.py`` module, which
+    defines ``NAME``, ``MARKS`` and ``make_harness(request) -> Harness``."""
+    found: dict[str, tuple[Maker, list[pytest.MarkDecorator]]] = {
+        "mock": (lambda request: MockHarness(), []),
+        "qemu": (_qemu, [pytest.mark.integration]),
+    }
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name.startswith("harness_"):
+            module = importlib.import_module(f"tests.behaviour.{info.name}")
+            found[module.NAME] = (module.make_harness, list(module.MARKS))
+    return found
+
+
+HARNESSES = _discover()
+
+
+@pytest.fixture(params=[pytest.param(n, marks=m) for n, (_, m) in sorted(HARNESSES.items())])
 def harness(request: pytest.FixtureRequest) -> Harness:
-    if request.param == "qemu":
-        if shutil.which("qemu-system-x86_64") is None:
-            pytest.skip("qemu-system-x86_64 is not installed")
-        return QemuHarness(request.getfixturevalue("guest_image"))
-    return MockHarness()
+    return HARNESSES[request.param][0](request)
 
 
 @pytest.fixture

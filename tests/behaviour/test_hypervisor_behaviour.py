@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.behaviour.conftest import Harness
+from tests.behaviour.harness import Harness
 from virtcontainers.devices import BlockDrive, CpuDevice, MemoryDevice
 from virtcontainers.errors import ConfigError, HypervisorError, StateError, UnsupportedError
 from virtcontainers.hypervisor import Capability, Hypervisor, NetworkNamespace, VmState

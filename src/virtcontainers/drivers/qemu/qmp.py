@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: The reference retries the QMP connection every 50 ms until the start timeout.
 _CONNECT_RETRY = 0.05
+#: How long to wait for DEVICE_DELETED before repeating a device_del.
+_UNPLUG_RETRY = 3.0
 
 
 def as_dict(value: object) -> dict[str, object]:
@@ -126,11 +128,9 @@ class Qmp:
         try:
             async with asyncio.timeout(timeout):
                 with self._require().listen(listener):
-                    await self.execute("device_del", {"id": dev_id})
                     while True:
-                        data = as_dict((await listener.get()).get("data"))
-                        event_path = str(data.get("path", ""))
-                        if data.get("device") == dev_id or event_path.startswith(path):
+                        await self._request_unplug(dev_id)
+                        if await self._deleted(listener, dev_id, path, _UNPLUG_RETRY):
                             break
                 # Polled by deadline: QEMU sends no event when the parent finally goes.
                 while await self._peripheral_exists(dev_id):  # noqa: ASYNC110
@@ -138,6 +138,28 @@ class Qmp:
         except TimeoutError:
             return False
         return True
+
+    async def _request_unplug(self, dev_id: str) -> None:
+        # A guest still busy with an earlier ACPI hot-plug event can miss an eject request
+        # (seen with CPUs under TCG), so the request is repeated until the device goes.
+        # QEMU refuses a repeat for devices whose unplug is already under way: harmless.
+        try:
+            await self.execute("device_del", {"id": dev_id})
+        except ApiError as exc:
+            if "in progress" not in str(exc) and "already" not in str(exc):
+                raise
+
+    @staticmethod
+    async def _deleted(listener: EventListener, dev_id: str, path: str, wait: float) -> bool:
+        try:
+            async with asyncio.timeout(wait):
+                while True:
+                    data = as_dict((await listener.get()).get("data"))
+                    event_path = str(data.get("path", ""))
+                    if data.get("device") == dev_id or event_path.startswith(path):
+                        return True
+        except TimeoutError:
+            return False
 
     async def _peripheral_exists(self, dev_id: str) -> bool:
         children = as_list(await self.execute("qom-list", {"path": "/machine/peripheral"}))
