@@ -62,6 +62,8 @@ class VmmProcess:
                 pass_fds=tuple(pass_fds),
                 start_new_session=True,
                 cwd=cwd,
+                # Sockets and files the VMM creates are the owner's alone (0600).
+                umask=0o077,
             )
         finally:
             os.close(fd)

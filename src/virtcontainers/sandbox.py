@@ -1,93 +1,475 @@
-"""One sandbox: a VM (through a Hypervisor driver) plus its guest agent.
+"""One sandbox: a VM (through a Hypervisor driver), its guest agent, its persisted state.
 
-This first cut boots, runs commands and stops; persistence and reattach come with the
-Sandbox API work (see docs/status.md).
+A sandbox's record lives in the state store (``<root>/sandboxes/<id>/state.json``), whose
+directory is also the VM's run dir (sockets, console.log). So any process can list a sandbox,
+exec into it and stop it, including after the process that started it has died:
+:meth:`Sandbox.attach` rebuilds the driver from the record and reconnects.
+
+Connections are taken lazily and given back: the VMM's control socket and the agent's
+channel serve one client at a time, so a process that only runs ``exec`` never holds QMP,
+and a detached starter (``vc start``'s shim) keeps neither.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
-from virtcontainers.agent.client import AgentClient, ExecProcess
+from virtcontainers.agent.client import AgentClient, ExecProcess, ExecResult
 from virtcontainers.config import HypervisorConfig
-from virtcontainers.devices import SerialPort
-from virtcontainers.errors import AgentError, UnsupportedError
-from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, new_hypervisor
+from virtcontainers.config.serialize import config_from_dict, config_to_dict
+from virtcontainers.devices import (
+    AgentSocket,
+    ColdPlugDevice,
+    CpuDevice,
+    HotplugDevice,
+    HybridVSock,
+    MemoryDevice,
+    SerialPort,
+    VSock,
+)
+from virtcontainers.errors import AgentError, HypervisorError, StateError, StoreError
+from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
+from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
+from virtcontainers.persist.hypervisor_state import HypervisorState
+from virtcontainers.persist.store import SandboxDocument, StateStore
+from virtcontainers.process import VmmProcess, process_matches
 
-__all__ = ["Sandbox"]
+__all__ = ["Sandbox", "SandboxInfo"]
+
+log = logging.getLogger(__name__)
 
 #: How long the guest may take from VMM start to an answering agent (TCG boots in ~3 s).
 AGENT_READY_TIMEOUT = 60.0
+#: Linux's memory block size on x86_64: hot-plugged memory is added in these units.
+MEMORY_BLOCK_MB = 128
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """What ``vc ps`` shows. ``state`` is checked against the live process, not just read."""
+
+    id: str
+    state: str
+    hypervisor: str
+    pid: int
+    created_at: float
+    run_dir: str
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _Context:
+    id: str
+    run_dir: Path
 
 
 class Sandbox:
-    """``async with Sandbox(id, config) as sb: await sb.exec_stream([...])``."""
+    """A VM sandbox. Create with :meth:`create` (new) or :meth:`attach` (existing)::
 
-    def __init__(
-        self, id: str, config: HypervisorConfig, hypervisor: HypervisorType | str = "qemu"
-    ) -> None:
-        self.id = id
-        self.config = config
-        self.hypervisor: Hypervisor = new_hypervisor(hypervisor)
+    async with await Sandbox.create(config) as sb:
+        result = await sb.exec(["uname", "-r"])
+    """
+
+    def __init__(self, document: SandboxDocument, store: StateStore) -> None:
+        self._doc = document
+        self._store = store
+        self._hv: Hypervisor | None = None
         self._agent: AgentClient | None = None
+        self._devices: list[ColdPlugDevice] = []
 
-    async def start(self, timeout: float = AGENT_READY_TIMEOUT) -> None:
-        """Boot the VM and wait until the guest agent answers a ping.
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        config: HypervisorConfig,
+        *,
+        id: str | None = None,
+        hypervisor: HypervisorType | str = HypervisorType.QEMU,
+        devices: Sequence[ColdPlugDevice] = (),
+        store: StateStore | None = None,
+    ) -> Sandbox:
+        """Record a new sandbox (nothing runs until :meth:`start`).
 
         Raises:
-            ConfigError: bad config. LaunchError / HypervisorTimeout: the VMM failed.
-            AgentError: the agent never answered within ``timeout``.
+            ConfigError: invalid config or hypervisor type. StoreError: the id is taken or
+                invalid, or the store is unusable.
         """
+        store = store or StateStore()
+        kind = (
+            hypervisor
+            if isinstance(hypervisor, HypervisorType)
+            else HypervisorType.parse(hypervisor)
+        )
+        checked = config.copy()
+        checked.valid()
+        sandbox_id = id or secrets.token_hex(6)
+        run_dir = store.create_sandbox_dir(sandbox_id)
+        doc = SandboxDocument(
+            id=sandbox_id,
+            hypervisor_type=kind.value,
+            state=VmState.CREATED.value,
+            created_at=time.time(),
+            hypervisor=HypervisorState(
+                type=kind.value, run_dir=str(run_dir), sandbox_id=sandbox_id
+            ),
+            config=config_to_dict(config),
+            extra={"devices": json.dumps([_device_to_dict(d) for d in devices])},
+        )
+        store.save(sandbox_id, doc)
+        sandbox = cls(doc, store)
+        sandbox._devices = list(devices)
+        return sandbox
+
+    @classmethod
+    async def attach(cls, id: str, *, store: StateStore | None = None) -> Sandbox:
+        """An existing sandbox, from its record. Connections are made when first needed.
+
+        Raises:
+            StoreError: no such sandbox, or its record is unreadable.
+        """
+        store = store or StateStore()
+        doc = store.load(id)
+        sandbox = cls(doc, store)
+        sandbox._devices = [
+            _device_from_dict(d) for d in json.loads(doc.extra.get("devices", "[]"))
+        ]
+        return sandbox
+
+    @staticmethod
+    def list(store: StateStore | None = None) -> list[SandboxInfo]:
+        """Every recorded sandbox, with its state checked against the live VMM process."""
+        store = store or StateStore()
+        out = []
+        for sandbox_id in store.list():
+            try:
+                doc = store.load(sandbox_id)
+            except StoreError as exc:
+                log.warning("skipping sandbox %s: %s", sandbox_id, exc)
+                continue
+            out.append(_info(doc))
+        return out
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._doc.id
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self._doc.hypervisor.run_dir)
+
+    @property
+    def config(self) -> HypervisorConfig:
+        return config_from_dict(self._doc.config)
+
+    def info(self) -> SandboxInfo:
+        return _info(self._doc)
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        """The driver, once the sandbox was started or reattached in this process."""
+        if self._hv is None:
+            raise StateError("use the hypervisor", self._doc.state, ["started in this process"])
+        return self._hv
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self, timeout: float = AGENT_READY_TIMEOUT, *, detach: bool = False) -> None:
+        """Boot the VM and wait until the guest agent answers.
+
+        ``detach``: afterwards give back the VMM control socket and the agent channel, so
+        other processes can use them (the console stays logged by this process).
+
+        Raises:
+            StateError: not in the created state. ConfigError / LaunchError /
+            HypervisorTimeout: the VM could not boot. AgentError: no agent answer in time.
+        """
+        if self._doc.state != VmState.CREATED.value:
+            raise StateError("start", self._doc.state, [VmState.CREATED.value])
         deadline = time.monotonic() + timeout
-        await self.hypervisor.create_sandbox(self.id, NetworkNamespace(), self.config)
-        await self.hypervisor.start_sandbox(timeout)
-        channel = await self.hypervisor.generate_socket(self.id)
-        if not isinstance(channel, SerialPort):
-            raise UnsupportedError(f"agent channel {type(channel).__name__}", driver="sandbox")
-        self._agent = await AgentClient.connect_unix(channel.host_path)
+        hv = _new_hypervisor(self._doc.hypervisor_type)
+        hv.set_sandbox(_Context(self.id, self.run_dir))
+        self._hv = hv
+        try:
+            await hv.create_sandbox(self.id, NetworkNamespace(), self.config)
+            for device in self._devices:
+                await hv.add_device(device)
+            await hv.start_sandbox(timeout)
+            channel = await hv.generate_socket(self.id)
+            self._save(VmState.RUNNING, agent=_channel_to_dict(channel))
+            await self._wait_for_agent(deadline, timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await hv.stop_sandbox()
+            self._save(VmState.FAILED)
+            raise
+        if detach:
+            await self._release()
+
+    async def _wait_for_agent(self, deadline: float, timeout: float) -> None:
         while True:
             try:
-                await self._agent.ping(timeout=0.5)
+                agent = await self._connect_agent()
+                await agent.ping(timeout=1.0)
                 return
             except AgentError:
+                await self._drop_agent()
                 if time.monotonic() >= deadline:
                     raise AgentError(
-                        f"the guest agent did not answer within {timeout:g} s"
+                        f"sandbox {self.id}: the guest agent did not answer within {timeout:g} s"
                     ) from None
                 await asyncio.sleep(0.05)
 
-    @property
-    def agent(self) -> AgentClient:
-        if self._agent is None:
-            raise AgentError("the sandbox is not started")
-        return self._agent
+    async def stop(self, wait_only: bool = True) -> None:
+        """Stop the VM. Idempotent.
 
-    async def exec_stream(self, argv: Sequence[str], *, tty: bool = False) -> ExecProcess:
-        """Start ``argv`` in the guest; iterate the result for output chunks."""
-        return await self.agent.exec_stream(list(argv), tty=tty)
-
-    async def stop(self) -> None:
-        """Ask the guest to power off (so the console log is complete), then stop the VM."""
-        agent, self._agent = self._agent, None
-        wait_only = False
-        if agent is not None:
-            with contextlib.suppress(AgentError):
+        ``wait_only`` (default): ask the guest agent to sync and power off, then wait for the
+        VMM to exit, so disks are flushed and the console log is complete; if the agent does
+        not answer, the VMM is stopped. ``wait_only=False``: stop the VMM directly.
+        """
+        if self._doc.state in (VmState.STOPPED.value, VmState.CREATED.value):
+            self._save(VmState.STOPPED)
+            return
+        powered_off = False
+        if wait_only:
+            with contextlib.suppress(AgentError, OSError):
+                agent = await self._connect_agent(timeout=2.0)
                 await agent.shutdown(timeout=5.0)
-                wait_only = True
+                powered_off = True
+        await self._drop_agent()
+        try:
+            await (await self._control()).stop_sandbox(wait_only=powered_off)
+        except HypervisorError as exc:
+            log.debug("sandbox %s: VMM already gone (%s)", self.id, exc)
+            _remove_sockets(self.run_dir)
+        await self._wait_for_owner()
+        self._save(VmState.STOPPED, pid=0)
+
+    async def remove(self) -> None:
+        """Stop if needed, then delete the sandbox's record, logs and run dir."""
+        if self._doc.state in (VmState.RUNNING.value, VmState.PAUSED.value):
+            await self.stop()
+        self._store.delete(self.id)
+
+    async def pause(self) -> None:
+        await (await self._control()).pause_sandbox()
+        self._save(VmState.PAUSED)
+
+    async def resume(self) -> None:
+        await (await self._control()).resume_sandbox()
+        self._save(VmState.RUNNING)
+
+    # -- work in the guest ------------------------------------------------------------
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in the guest to completion: stdout, stderr, exit code or signal.
+
+        Raises:
+            AgentError: the agent is unreachable or refused (e.g. no such program).
+        """
+        agent = await self._connect_agent()
+        return await agent.exec(list(argv), env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+
+    async def exec_stream(
+        self, argv: Sequence[str], *, tty: bool = False, env: Mapping[str, str] | None = None
+    ) -> ExecProcess:
+        """Start ``argv``; iterate the result for ``(stream, bytes)`` as output comes."""
+        agent = await self._connect_agent()
+        return await agent.exec_stream(list(argv), env=env, tty=tty)
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        await (await self._connect_agent()).write_file(path, data, mode)
+
+    async def read_file(self, path: str) -> bytes:
+        return await (await self._connect_agent()).read_file(path)
+
+    def logs(self) -> bytes:
+        """The guest console so far (kernel messages, init, agent)."""
+        try:
+            return (self.run_dir / "console.log").read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    # -- resources --------------------------------------------------------------------
+
+    async def hotplug(self, device: HotplugDevice) -> HotplugDevice:
+        """Plug a device into the running VM; CPUs and memory are onlined in the guest."""
+        hv = await self._control()
+        before = await self._guest_cpus() if isinstance(device, CpuDevice) else 0
+        plugged = await hv.hotplug_add_device(device)
+        if isinstance(plugged, CpuDevice) and plugged.amount:
+            await self._online_cpus(before + plugged.amount)
+        if isinstance(plugged, MemoryDevice) and plugged.size_mb:
+            await self._online_memory(plugged.size_mb // MEMORY_BLOCK_MB)
+        self._save(VmState(self._doc.state))
+        return plugged
+
+    async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
+        """Returns (before, after); new vCPUs are onlined in the guest."""
+        old, new = await (await self._control()).resize_vcpus(vcpus)
+        if new > old:
+            await self._online_cpus(new)
+        self._save(VmState(self._doc.state))
+        return old, new
+
+    async def resize_memory(self, mem_mb: int) -> int:
+        """Grow the guest to ``mem_mb`` MiB (in 128 MiB blocks, onlined); returns the size."""
+        new, dimm = await (await self._control()).resize_memory(mem_mb, MEMORY_BLOCK_MB, False)
+        if dimm.size_mb:
+            await self._online_memory(dimm.size_mb // MEMORY_BLOCK_MB)
+        self._save(VmState(self._doc.state))
+        return new
+
+    # The guest learns of a new CPU or DIMM from an ACPI event it handles asynchronously:
+    # its sysfs entries appear some time after QEMU's reply, so onlining is retried until the
+    # guest shows what was plugged (kata#1880: CPUs hot-plugged but never onlined).
+
+    async def _guest_cpus(self) -> int:
+        agent = await self._connect_agent()
+        return _count_cpu_list((await agent.read_file("/sys/devices/system/cpu/online")).decode())
+
+    async def _online_cpus(self, want: int, timeout: float = 20.0) -> None:
+        agent = await self._connect_agent()
+        deadline = time.monotonic() + timeout
+        while True:
+            await agent.online_cpus()
+            online = await self._guest_cpus()
+            if online >= want:
+                return
+            if time.monotonic() > deadline:
+                raise AgentError(
+                    f"the guest shows {online} of {want} vCPUs online after {timeout} s"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _online_memory(self, blocks: int, timeout: float = 20.0) -> None:
+        agent = await self._connect_agent()
+        deadline = time.monotonic() + timeout
+        onlined = 0
+        while True:
+            onlined += await agent.online_memory()
+            if onlined >= blocks:
+                return
+            if time.monotonic() > deadline:
+                raise AgentError(
+                    f"the guest onlined {onlined} of {blocks} memory blocks after {timeout} s"
+                )
+            await asyncio.sleep(0.05)
+
+    # -- connections ------------------------------------------------------------------
+
+    async def _control(self) -> Hypervisor:
+        """The driver, reattached to the running VMM when another process started it."""
+        if self._hv is not None:
+            return self._hv
+        if self._doc.state not in (VmState.RUNNING.value, VmState.PAUSED.value):
+            raise StateError("control the VM", self._doc.state, ["running", "paused"])
+        hv = _new_hypervisor(self._doc.hypervisor_type)
+        hv.set_sandbox(_Context(self.id, self.run_dir))
+        blob = json.dumps({"state": self._doc.hypervisor.to_dict(), "vm_state": self._doc.state})
+        await hv.from_grpc(self.config, blob.encode())
+        self._hv = hv
+        return hv
+
+    async def _connect_agent(self, timeout: float = 30.0) -> AgentClient:
+        if self._agent is not None:
+            return self._agent
+        channel = self._doc.agent
+        kind = channel.get("kind")
+        if kind == "serial":
+            agent = await AgentClient.connect_unix(str(channel["path"]), timeout=timeout)
+        elif kind == "hybrid-vsock":
+            agent = await AgentClient.connect_hybrid_vsock(
+                str(channel["path"]), int(str(channel["port"])), timeout=timeout
+            )
+        elif kind == "vsock":
+            agent = await AgentClient.connect_vsock(
+                int(str(channel["cid"])), int(str(channel["port"])), timeout=timeout
+            )
+        else:
+            raise AgentError(f"sandbox {self.id} has no agent channel (state {self._doc.state})")
+        self._agent = agent
+        return agent
+
+    async def _drop_agent(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
             await agent.close()
-        await self.hypervisor.stop_sandbox(wait_only=wait_only)
-        await self.hypervisor.cleanup()
+
+    async def _release(self) -> None:
+        """Give back the agent channel and the VMM control socket (the VM keeps running)."""
+        await self._drop_agent()
+        if self._hv is not None:
+            await self._hv.disconnect()
+
+    async def close(self) -> None:
+        """Release this process's connections; the sandbox keeps running."""
+        await self._release()
+        self._hv = None
+
+    async def _wait_for_owner(self, timeout: float = 10.0) -> None:
+        """Wait for a detached owner (the shim logging the console) to finish writing."""
+        pid = int(self._doc.extra.get("owner_pid", "0") or 0)
+        if not pid or pid == os.getpid() or not process_matches(pid, self.id):
+            return
+        owner = VmmProcess.adopt(pid)
+        try:
+            await owner.wait(timeout)
+        finally:
+            owner.close()
+
+    def set_owner(self, pid: int) -> None:
+        """Record the process that logs this sandbox's console (see ``virtcontainers.shim``)."""
+        self._doc = self._store.update(
+            self.id,
+            lambda d: dataclasses.replace(d, extra={**d.extra, "owner_pid": str(pid)}),
+        )
+
+    def _save(
+        self, state: VmState, *, agent: dict[str, object] | None = None, pid: int | None = None
+    ) -> None:
+        hv_state = self._hv.save() if self._hv is not None else self._doc.hypervisor
+        if pid is not None:
+            hv_state = dataclasses.replace(hv_state, pid=pid)
+
+        def change(d: SandboxDocument) -> SandboxDocument:
+            return dataclasses.replace(
+                d,
+                state=state.value,
+                hypervisor=hv_state,
+                agent=agent if agent is not None else d.agent,
+            )
+
+        self._doc = self._store.update(self.id, change)
+
+    # -- context manager --------------------------------------------------------------
 
     async def __aenter__(self) -> Sandbox:
-        try:
+        if self._doc.state == VmState.CREATED.value:
             await self.start()
-        except BaseException:
-            await self.stop()
-            raise
         return self
 
     async def __aexit__(
@@ -96,4 +478,61 @@ class Sandbox:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        await self.remove()
+
+
+def _info(doc: SandboxDocument) -> SandboxInfo:
+    state = doc.state
+    pid = doc.hypervisor.pid
+    if state in (VmState.RUNNING.value, VmState.PAUSED.value) and not (
+        pid and process_matches(pid, doc.hypervisor.run_dir)
+    ):
+        state = "exited"
+    return SandboxInfo(
+        id=doc.id,
+        state=state,
+        hypervisor=doc.hypervisor_type,
+        pid=pid if state != "exited" else 0,
+        created_at=doc.created_at,
+        run_dir=doc.hypervisor.run_dir,
+    )
+
+
+def _count_cpu_list(text: str) -> int:
+    """How many CPUs a sysfs list like ``0-2,4`` names."""
+    count = 0
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
+def _channel_to_dict(channel: AgentSocket) -> dict[str, object]:
+    match channel:
+        case SerialPort():
+            return {"kind": "serial", "path": channel.host_path}
+        case HybridVSock():
+            return {"kind": "hybrid-vsock", "path": channel.uds_path, "port": channel.port}
+        case VSock():
+            return {"kind": "vsock", "cid": channel.context_id, "port": channel.port}
+
+
+def _device_to_dict(device: ColdPlugDevice) -> dict[str, object]:
+    return {"type": type(device).__name__, **dataclasses.asdict(device)}
+
+
+def _device_from_dict(data: dict[str, object]) -> ColdPlugDevice:
+    from virtcontainers import devices
+
+    fields = dict(data)
+    cls = getattr(devices, str(fields.pop("type")))
+    device: ColdPlugDevice = cls(**fields)
+    return device
+
+
+def _remove_sockets(run_dir: Path) -> None:
+    for path in run_dir.glob("*.sock"):
+        path.unlink(missing_ok=True)
+    (run_dir / "qemu.pid").unlink(missing_ok=True)

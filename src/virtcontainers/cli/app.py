@@ -35,7 +35,7 @@ def _root(
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
-    from virtcontainers.cli import check, image, run  # noqa: F401
+    from virtcontainers.cli import check, image, run, sandboxes  # noqa: F401
 
 
 def main() -> None:

@@ -511,9 +511,10 @@ class QemuHypervisor(ResizeByHotplug):
         cfg = config.copy()
         cfg.valid()
         self._config = cfg
+        if vm_state not in (VmState.RUNNING, VmState.PAUSED):
+            raise self._error(f"cannot adopt a VM that is {vm_state}")
         self.load(state)
         await self.reattach()
-        self._set_state(vm_state)
 
     def save(self) -> HypervisorState:
         return HypervisorState(
@@ -553,6 +554,16 @@ class QemuHypervisor(ResizeByHotplug):
             raise self._error("the VM's QEMU process is gone")
         self._qmp = Qmp(self._paths.qmp, sandbox_id=self.sandbox_id)
         await self._qmp.connect(time.monotonic() + timeout)
+        # Log the console from here on too. If the starting process still holds the console,
+        # QEMU keeps this connection pending until that one closes: nothing is read twice.
+        console = ConsoleWatcher(
+            self._paths.console,
+            self._paths.console_log,
+            logging.getLogger(f"virtcontainers.console.{self.sandbox_id}"),
+        )
+        with contextlib.suppress(HypervisorTimeout):
+            await console.connect(time.monotonic() + 1.0)
+            self._console = console
         status = as_dict(await self._qmp.execute("query-status"))
         paused = status.get("status") == "paused"
         self._set_state(VmState.PAUSED if paused else VmState.RUNNING)

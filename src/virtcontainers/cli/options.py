@@ -1,0 +1,91 @@
+"""Options shared by ``vc run`` and ``vc create``, and the config they build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from virtcontainers.config import HypervisorConfig
+from virtcontainers.devices import ColdPlugDevice, FsShare
+from virtcontainers.errors import ConfigError
+from virtcontainers.guest.image import find_image
+
+Hypervisor = Annotated[
+    str, typer.Option("--hypervisor", help="Driver: qemu, firecracker, clh, acrn or mock.")
+]
+Cpus = Annotated[int, typer.Option("--cpus", min=1, help="vCPUs at boot.")]
+MaxCpus = Annotated[int, typer.Option("--max-cpus", min=1, help="vCPUs the VM may grow to.")]
+Memory = Annotated[int, typer.Option("--memory", min=256, help="Guest memory at boot, MiB.")]
+Kernel = Annotated[
+    Path | None, typer.Option("--kernel", help="Guest kernel (default: the built image's).")
+]
+Initrd = Annotated[
+    Path | None, typer.Option("--initrd", help="Guest initrd (default: the built image's).")
+]
+Image = Annotated[
+    Path | None, typer.Option("--image", help="Guest root filesystem image instead of an initrd.")
+]
+Flavour = Annotated[
+    str,
+    typer.Option("--flavour", help="Built image to use: cloud (fast) or generic (has 9p)."),
+]
+Shares = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--share",
+        help="Share a host directory as HOST_DIR[:TAG] over virtio-9p (needs --flavour "
+        "generic); in the guest: mount -t 9p -o trans=virtio TAG /mnt.",
+    ),
+]
+
+
+def build_config(
+    *,
+    cpus: int,
+    max_cpus: int,
+    memory: int,
+    kernel: Path | None,
+    initrd: Path | None,
+    image: Path | None,
+    flavour: str,
+) -> HypervisorConfig:
+    """A config from the command line; the built guest image fills what is not given.
+
+    Raises:
+        ConfigError: no image built and no --kernel given, or contradictory options.
+    """
+    config = HypervisorConfig()
+    if kernel is None or (initrd is None and image is None):
+        built = find_image(flavour)
+        if built is None:
+            raise ConfigError(
+                f"no {flavour} guest image yet: run `vc image build --flavour {flavour}`, "
+                "or pass --kernel and --initrd/--image"
+            )
+        kernel = kernel or built.kernel
+        if image is None:
+            initrd = initrd or built.initrd
+    config.boot.kernel_path = str(kernel.resolve())
+    if initrd is not None:
+        config.boot.initrd_path = str(initrd.resolve())
+    if image is not None:
+        config.boot.image_path = str(image.resolve())
+    config.resources.num_vcpus = cpus
+    config.resources.default_max_vcpus = max(max_cpus, cpus)
+    config.resources.memory_size = memory
+    config.storage.block_device_driver = "virtio-blk"
+    return config
+
+
+def share_devices(shares: list[str] | None) -> list[ColdPlugDevice]:
+    """``HOST_DIR[:TAG]`` options as 9p shares (tag defaults to the directory's name)."""
+    devices: list[ColdPlugDevice] = []
+    for spec in shares or []:
+        host, _, tag = spec.partition(":")
+        path = Path(host).resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--share {spec}: {path} is not a directory", field="--share")
+        devices.append(FsShare(host_path=str(path), mount_tag=tag or path.name))
+    return devices
