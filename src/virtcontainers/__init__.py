@@ -23,6 +23,8 @@ from virtcontainers.hypervisor import (
     VmState,
     new_hypervisor,
 )
+from virtcontainers.sandbox import Sandbox, SandboxInfo
+from virtcontainers.sync import SyncSandbox
 
 __version__ = "0.1.0"
 
@@ -41,8 +43,11 @@ __all__ = [
     "HypervisorType",
     "LaunchError",
     "Param",
+    "Sandbox",
+    "SandboxInfo",
     "StateError",
     "StoreError",
+    "SyncSandbox",
     "UnsupportedError",
     "VirtContainersError",
     "VmState",

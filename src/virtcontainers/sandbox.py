@@ -245,17 +245,23 @@ class Sandbox:
         if self._doc.state in (VmState.STOPPED.value, VmState.CREATED.value):
             self._save(VmState.STOPPED)
             return
+        try:
+            # Reattach first: that also connects this process to the console (when nobody
+            # else holds it), so the guest's shutdown lines reach console.log.
+            hv: Hypervisor | None = await self._control()
+        except HypervisorError as exc:
+            log.debug("sandbox %s: VMM already gone (%s)", self.id, exc)
+            hv = None
         powered_off = False
-        if wait_only:
+        if wait_only and hv is not None:
             with contextlib.suppress(AgentError, OSError):
                 agent = await self._connect_agent(timeout=2.0)
                 await agent.shutdown(timeout=5.0)
                 powered_off = True
         await self._drop_agent()
-        try:
-            await (await self._control()).stop_sandbox(wait_only=powered_off)
-        except HypervisorError as exc:
-            log.debug("sandbox %s: VMM already gone (%s)", self.id, exc)
+        if hv is not None:
+            await hv.stop_sandbox(wait_only=powered_off)
+        else:
             _remove_sockets(self.run_dir)
         await self._wait_for_owner()
         self._save(VmState.STOPPED, pid=0)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +36,16 @@ def guest_image() -> GuestImage:
 def guest_image_generic() -> GuestImage:
     """The generic-flavour image (has 9p); built only by tests that ask for it (~70 MB)."""
     return _guest_image("generic")
+
+
+@pytest.fixture
+def vc_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private state-store root (short, so socket paths stay under 108 bytes), exported
+    as VC_RUN_ROOT so `vc` subprocesses use it too; whatever a test leaves is stopped."""
+    root = Path(tempfile.mkdtemp(prefix="vc-it-"))
+    monkeypatch.setenv("VC_RUN_ROOT", str(root))
+    yield root
+    for pid_file in root.glob("sandboxes/*/qemu.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)

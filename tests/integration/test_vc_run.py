@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.integration
 VC = str(Path(sys.executable).with_name("vc"))
 
 
-def test_vc_run_prints_the_guest_kernel(guest_image: GuestImage) -> None:
+def test_vc_run_prints_the_guest_kernel(guest_image: GuestImage, vc_root: Path) -> None:
     out = subprocess.run(
         [VC, "run", "--", "uname", "-r"], capture_output=True, text=True, timeout=120
     )
@@ -22,7 +23,7 @@ def test_vc_run_prints_the_guest_kernel(guest_image: GuestImage) -> None:
     assert out.stdout.strip() == guest_image.kernel_release
 
 
-def test_vc_run_exits_with_the_command_code(guest_image: GuestImage) -> None:
+def test_vc_run_exits_with_the_command_code(guest_image: GuestImage, vc_root: Path) -> None:
     out = subprocess.run(
         [VC, "run", "--", "sh", "-c", "echo to-stderr >&2; exit 7"],
         capture_output=True,
@@ -34,10 +35,20 @@ def test_vc_run_exits_with_the_command_code(guest_image: GuestImage) -> None:
 
 
 def test_vc_run_without_an_image_says_how_to_get_one(tmp_path: Path) -> None:
-    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "VC_RUN_ROOT": str(tmp_path)}
     out = subprocess.run(
         [VC, "run", "--", "true"], capture_output=True, text=True, timeout=60, env=env
     )
     assert out.returncode == 1
     assert "vc image build" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_vc_run_pipes_10_mib_of_binary_stdin_byte_identical(
+    guest_image: GuestImage, vc_root: Path
+) -> None:
+    data = os.urandom(10 << 20)
+    out = subprocess.run([VC, "run", "--", "cat"], input=data, capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) == len(data)
+    assert out.stdout == data
