@@ -1,0 +1,243 @@
+"""The Cloud Hypervisor REST API over its unix socket (httpx), and the one place where
+transport and HTTP failures become virtcontainers errors.
+
+Translation (every call goes through :meth:`ClhApi.request`):
+
+=============================  =========================================================
+httpx / HTTP outcome           raised
+=============================  =========================================================
+timeout (connect/read/write)   ``HypervisorTimeout("PUT /api/v1/vm.x", seconds)``
+connection refused / reset     ``HypervisorError`` naming the request
+status >= 300                  ``ApiError(status, request "PUT /api/v1/vm.x", reply body)``
+reply that is not the JSON     ``HypervisorError``
+the spec promises
+=============================  =========================================================
+
+Timeouts follow the reference (1 s per request, 5 s for hot-plug, 10 s for ping and boot)
+with one change, for kata-containers#6240: the short per-request timeout only applies
+once the VMM has answered a ping. Before that (a VMM still starting on a loaded host) every
+request gets the long timeout, so a slow start is not mistaken for a dead API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from virtcontainers.errors import ApiError, HypervisorError, HypervisorTimeout
+
+__all__ = [
+    "API_TIMEOUT",
+    "BOOT_TIMEOUT",
+    "HOTPLUG_TIMEOUT",
+    "PING_TIMEOUT",
+    "ClhApi",
+    "EventHooks",
+    "Json",
+]
+
+log = logging.getLogger(__name__)
+
+#: The reference's ``clhAPITimeout``: one ordinary request, once the VMM has answered.
+API_TIMEOUT = 1.0
+#: The reference's ``clhHotPlugAPITimeout``.
+HOTPLUG_TIMEOUT = 5.0
+#: The reference's ``clhTimeout``: the VMM answering ``vmm.ping`` after launch, and boot.
+PING_TIMEOUT = 10.0
+BOOT_TIMEOUT = 10.0
+#: Poll interval while waiting for the API socket to answer.
+_PING_RETRY = 0.01
+
+_BASE_PATH = "/api/v1"
+
+#: A JSON document as the API exchanges it.
+Json = dict[str, Any]
+#: httpx event hooks ("request" / "response"): the contract tests record traffic with them.
+EventHooks = Mapping[str, list[Callable[..., Awaitable[None]]]]
+
+
+class ClhApi:
+    """One Cloud Hypervisor API socket. The httpx client is opened lazily and can be closed
+    and reopened (``disconnect`` then another call)."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        sandbox_id: str = "",
+        event_hooks: EventHooks | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.sandbox_id = sandbox_id
+        self._event_hooks = event_hooks
+        self._client: httpx.AsyncClient | None = None
+        #: True once ``vmm.ping`` answered: from then on the short per-request timeout holds.
+        self.answered = False
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
+                base_url="http://localhost",
+                event_hooks=dict(self._event_hooks) if self._event_hooks else None,
+            )
+        return self._client
+
+    def default_timeout(self) -> float:
+        """1 s once the VMM has answered a ping, the ping timeout before (kata #6240)."""
+        return API_TIMEOUT if self.answered else PING_TIMEOUT
+
+    def _error(self, message: str) -> HypervisorError:
+        return HypervisorError(message, driver="clh", sandbox_id=self.sandbox_id)
+
+    async def request(
+        self, method: str, endpoint: str, body: Json | None = None, *, timeout: float | None = None
+    ) -> httpx.Response:
+        """Send one request and return the (2xx) reply. The error boundary of the driver.
+
+        Raises:
+            ApiError: the VMM answered with a status >= 300 (status, request, reply body kept).
+            HypervisorTimeout: no answer within ``timeout`` (default :meth:`default_timeout`).
+            HypervisorError: the socket is gone or the connection broke.
+        """
+        seconds = self.default_timeout() if timeout is None else timeout
+        what = f"{method} {_BASE_PATH}/{endpoint}"
+        try:
+            reply = await self._http().request(
+                method,
+                f"{_BASE_PATH}/{endpoint}",
+                json=body,
+                timeout=httpx.Timeout(seconds),
+            )
+        except httpx.TimeoutException as exc:
+            raise HypervisorTimeout(
+                what, seconds, driver="clh", sandbox_id=self.sandbox_id
+            ) from exc
+        except (httpx.TransportError, OSError) as exc:
+            raise self._error(f"{what} failed: {exc!r}") from exc
+        if reply.status_code >= 300:
+            text = reply.text.strip()
+            raise ApiError(
+                f"HTTP {reply.status_code} {reply.reason_phrase}: {text or '(empty reply)'}",
+                request=what,
+                reply=text,
+                status=reply.status_code,
+                driver="clh",
+                sandbox_id=self.sandbox_id,
+            )
+        log.debug("clh %s %s -> %d", what, json.dumps(body) if body else "", reply.status_code)
+        return reply
+
+    def _json(self, reply: httpx.Response) -> Json:
+        try:
+            data = reply.json()
+        except ValueError as exc:
+            raise self._error(
+                f"{reply.request.method} {reply.request.url.path}: reply is not JSON: "
+                f"{reply.text[:200]!r}"
+            ) from exc
+        if not isinstance(data, dict):
+            raise self._error(f"{reply.request.url.path}: expected a JSON object, got {data!r}")
+        return data
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # -- readiness ----------------------------------------------------------------------
+
+    async def wait_ready(
+        self, deadline: float, *, abort: asyncio.Future[None] | None = None
+    ) -> Json:
+        """Ping until the VMM answers or the monotonic ``deadline`` passes.
+
+        ``abort`` (e.g. "the VMM exited") ends the wait early with that future's exception.
+
+        Raises:
+            HypervisorTimeout: no answer by the deadline.
+        """
+        last: Exception | None = None
+        while True:
+            if abort is not None and abort.done():
+                abort.result()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HypervisorTimeout(
+                    f"vmm.ping on {self.socket_path} ({last!r})",
+                    PING_TIMEOUT,
+                    driver="clh",
+                    sandbox_id=self.sandbox_id,
+                )
+            if self.socket_path.exists():
+                try:
+                    info = await self.ping(timeout=min(remaining, PING_TIMEOUT))
+                except (HypervisorTimeout, ApiError):
+                    raise
+                except HypervisorError as exc:
+                    last = exc  # refused: the VMM has not started listening yet
+                else:
+                    self.answered = True
+                    return info
+            await asyncio.sleep(_PING_RETRY)
+
+    # -- endpoints ----------------------------------------------------------------------
+
+    async def ping(self, *, timeout: float | None = None) -> Json:
+        """``GET /vmm.ping`` -> VmmPingResponse."""
+        return self._json(await self.request("GET", "vmm.ping", timeout=timeout))
+
+    async def shutdown_vmm(self, *, timeout: float | None = None) -> None:
+        """``PUT /vmm.shutdown``: the VMM process exits."""
+        await self.request("PUT", "vmm.shutdown", timeout=timeout)
+
+    async def create_vm(self, config: Json, *, timeout: float = BOOT_TIMEOUT) -> None:
+        await self.request("PUT", "vm.create", config, timeout=timeout)
+
+    async def boot_vm(self, *, timeout: float = BOOT_TIMEOUT) -> None:
+        await self.request("PUT", "vm.boot", timeout=timeout)
+
+    async def vm_info(self, *, timeout: float | None = None) -> Json:
+        """``GET /vm.info`` -> VmInfo (``config``, ``state``, ``memory_actual_size``)."""
+        return self._json(await self.request("GET", "vm.info", timeout=timeout))
+
+    async def pause_vm(self) -> None:
+        await self.request("PUT", "vm.pause")
+
+    async def resume_vm(self) -> None:
+        await self.request("PUT", "vm.resume")
+
+    async def snapshot_vm(self, destination_url: str, *, timeout: float) -> None:
+        await self.request(
+            "PUT", "vm.snapshot", {"destination_url": destination_url}, timeout=timeout
+        )
+
+    async def resize_vm(
+        self, *, desired_vcpus: int | None = None, desired_ram: int | None = None
+    ) -> None:
+        """``PUT /vm.resize``; ``desired_ram`` is bytes."""
+        body: Json = {}
+        if desired_vcpus is not None:
+            body["desired_vcpus"] = desired_vcpus
+        if desired_ram is not None:
+            body["desired_ram"] = desired_ram
+        await self.request("PUT", "vm.resize", body, timeout=HOTPLUG_TIMEOUT)
+
+    async def add(self, kind: str, config: Json) -> Json:
+        """``PUT /vm.add-<kind>`` (disk, net, device, fs) -> PciDeviceInfo."""
+        reply = await self.request("PUT", f"vm.add-{kind}", config, timeout=HOTPLUG_TIMEOUT)
+        if reply.status_code == 204:
+            raise self._error(f"vm.add-{kind}: the VM took the device cold (it is not running)")
+        return self._json(reply)
+
+    async def remove_device(self, device_id: str) -> None:
+        await self.request("PUT", "vm.remove-device", {"id": device_id}, timeout=HOTPLUG_TIMEOUT)
