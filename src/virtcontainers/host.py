@@ -541,13 +541,45 @@ def probe_kvm(timeout: float = 5.0, *, refresh: bool = False) -> KvmStatus:
         return _kvm_cache
 
 
+def _boot_cached_status() -> KvmStatus:
+    """probe_kvm(), remembered for this host boot in ``<run root>/kvm-probe.json``.
+
+    The probe costs about a second of CPU where the vCPU is emulated; every ``vc`` command
+    would pay it. KVM's usability can't change without a reboot (or a module reload, which
+    ``vc check`` always probes afresh), so the verdict is kept per boot id.
+    """
+    from virtcontainers.persist.store import default_root
+
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        root = default_root()
+    except (OSError, VirtContainersError):
+        return probe_kvm()
+    path = root / "kvm-probe.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cached = json.loads(path.read_text())
+        if cached["boot_id"] == boot_id:
+            return KvmStatus(KvmState(cached["state"]), str(cached["detail"]), cached["ns"])
+    status = probe_kvm()
+    doc = {"boot_id": boot_id, "state": status.state.value, "detail": status.detail,
+           "ns": status.ns_per_iteration}  # fmt: skip
+    with contextlib.suppress(OSError):
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = root / f".kvm-probe.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    return status
+
+
 def accelerator() -> Literal["kvm", "tcg"]:
     """The QEMU accelerator to use: ``kvm`` only when :func:`probe_kvm` says USABLE.
 
     Logs a warning (once per process) when falling back to TCG.
     """
     global _tcg_warned
-    status = probe_kvm()
+    status = _boot_cached_status()
     if status.usable:
         return "kvm"
     if not _tcg_warned:

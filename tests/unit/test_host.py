@@ -258,9 +258,11 @@ def test_probe_kvm_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_accelerator(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
     state: KvmState,
     expected: str,
 ) -> None:
+    monkeypatch.setenv("VC_RUN_ROOT", str(tmp_path))
     monkeypatch.setattr(host, "probe_kvm", lambda: KvmStatus(state, "because"))
     monkeypatch.setattr(host, "_tcg_warned", False)
     with caplog.at_level(logging.WARNING, logger="virtcontainers.host"):
@@ -268,6 +270,29 @@ def test_accelerator(
         assert host.accelerator() == expected
     warnings = [r for r in caplog.records if "falling back to TCG" in r.getMessage()]
     assert len(warnings) == (0 if expected == "kvm" else 1)
+
+
+def test_accelerator_remembers_the_verdict_for_this_boot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VC_RUN_ROOT", str(tmp_path))
+    calls: list[int] = []
+
+    def probe() -> KvmStatus:
+        calls.append(1)
+        return KvmStatus(KvmState.PRESENT_NOT_USABLE, "emulated", 1100.0)
+
+    monkeypatch.setattr(host, "probe_kvm", probe)
+    assert host.accelerator() == "tcg"
+    assert host.accelerator() == "tcg"
+    assert len(calls) == 1
+    cache = tmp_path / "kvm-probe.json"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    doc = json.loads(cache.read_text())
+    doc["boot_id"] = "another-boot"
+    cache.write_text(json.dumps(doc))
+    assert host.accelerator() == "tcg"
+    assert len(calls) == 2
 
 
 # --------------------------------------------------------------------------- vCPU child
