@@ -26,7 +26,8 @@ loading, balloon, MMDS, entropy, pmem, CPU templates.
 
 Run: ``python -m virtcontainers.testing.fc_sim --api-sock PATH [--id ID] [--agent-unix
 PATH]``; other Firecracker flags are accepted and ignored. ``--sim-root DIR`` resolves
-absolute paths under DIR, standing in for the jailer's chroot. Tests point
+absolute paths under DIR, standing in for the jailer's chroot; ``--sim-ignore-sigterm`` plays
+a hung VMM (only SIGKILL ends it). Tests point
 ``boot.hypervisor_path`` at a script made by :func:`write_launcher`.
 """
 
@@ -229,7 +230,8 @@ class Vm:
         self.vsock_listener: socket.socket | None = None
         self.next_port = _FIRST_LOCAL_PORT
         self.requests = 0
-        self.on_exit: list[Any] = []
+        #: Ends the process (set by :func:`main`): a guest power-off.
+        self.power_off: Any = lambda: None
 
     # -- host paths and outputs -----------------------------------------------------------
 
@@ -465,7 +467,7 @@ class Vm:
             self._post_boot()
             self.log("Info", "Guest requested a shutdown (Ctrl+Alt+Del)", thread="main")
             # The guest powers off a moment later; Firecracker then exits.
-            threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+            threading.Timer(0.05, self.power_off).start()
         else:
             raise Fault(f"Invalid action type: {action}")
 
@@ -675,6 +677,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--id", default="anonymous-instance")
     parser.add_argument("--agent-unix", default="", help="proxy vsock CONNECTs to this socket")
     parser.add_argument("--sim-root", default="", help="resolve absolute paths under this dir")
+    parser.add_argument(
+        "--sim-ignore-sigterm", action="store_true", help="ignore SIGTERM (a hung VMM)"
+    )
     args, ignored = parser.parse_known_args(argv)
     set_thread_name("firecracker")
     vm = Vm(args.id, args.sim_root, args.agent_unix)
@@ -689,10 +694,15 @@ def main(argv: list[str] | None = None) -> None:
     server = _Server(api_sock, vm)
     print(f"Running Firecracker v{VERSION} (simulator; ignored flags: {ignored})", flush=True)
 
-    def stop(signum: int, frame: object) -> None:
+    def power_off() -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, stop)
+    def stop(signum: int, frame: object) -> None:
+        power_off()
+
+    vm.power_off = power_off
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if args.sim_ignore_sigterm else stop)
     signal.signal(signal.SIGINT, stop)
     try:
         server.serve_forever(poll_interval=0.05)
