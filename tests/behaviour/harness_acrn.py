@@ -90,7 +90,16 @@ def parse(args):
     return opts, slots, positional[0]
 
 
+def die_with_parent():
+    # A test that fails half-way must not leave a fake VM holding a UUID: go with pytest.
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main():
+    die_with_parent()
     opts, slots, name = parse(sys.argv[1:])
     knobs = dict(p.partition("=")[::2] for p in opts.get("-B", "").split())
     if "fake.exit_early" in knobs:
@@ -135,12 +144,15 @@ async def run(name, uuid, opts, knobs, disks, ports):
     state = {{"state": "started", "client": None}}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    if knobs.get("fake.ignore_signals") == "1":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: print("acrn-dm: ignoring signal", flush=True))
-    else:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    ignore = knobs.get("fake.ignore_signals") == "1"
+
+    def on_signal(sig):
+        print(f"acrn-dm: got {{sig.name}}" + (", ignoring it" if ignore else ""), flush=True)
+        if not ignore:
+            stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
 
     def say(line):
         writer = state["client"]
@@ -359,6 +371,12 @@ def fake_config(tmp: Path, fake: FakeAcrn) -> HypervisorConfig:
     return cfg
 
 
+def _kill_leftover(hv: AcrnHypervisor) -> None:
+    """A test that failed before stopping its VM (the shared suite has no ``finally``)."""
+    for pid in hv.get_pids():
+        os.kill(pid, signal.SIGKILL)
+
+
 class AcrnFakeHarness(Harness):
     name = NAME
 
@@ -377,7 +395,9 @@ class AcrnFakeHarness(Harness):
         return fake_config(tmp, self.fake(tmp))
 
     def new(self, tmp: Path) -> Hypervisor:
-        return AcrnHypervisor(uuid_pool_dir=tmp / "uuid-pool")
+        hv = AcrnHypervisor(uuid_pool_dir=tmp / "uuid-pool")
+        self._request.addfinalizer(lambda: _kill_leftover(hv))
+        return hv
 
     def kill_vmm(self, hv: Hypervisor) -> None:
         os.kill(hv.get_pids()[0], signal.SIGKILL)
