@@ -5,6 +5,8 @@ Measured in one run on the same kernel and initrd:
 * **start to first exec** — ``Sandbox.create`` + ``start`` + ``exec(["true"])``, against the
   baseline of the same QEMU command started bare until the guest prints ``vc-init: ready``
   (``qemu_boot.bare_boot``); pairs in alternating order, median ratio (target <= 1.10).
+* **agent start** — host arrival of the agent's "ready" console line after init's (the
+  agent must be ready within ~150 ms of init under TCG).
 * **exec round trip** of ``true`` through the agent, median of N (target <= 30 ms under TCG).
 * **stop** — ``Sandbox.stop()``: agent shutdown, guest power-off, VMM exit, console drained;
   checked to end with the kernel's power-down line (target <= 150 ms).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -29,7 +32,28 @@ from virtcontainers.guest.image import build_image
 from virtcontainers.persist.store import StateStore
 
 
+class _Marks(logging.Handler):
+    """Host arrival time of the guest's init-ready and agent-ready console lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for mark in ("vc-init: ready", "vc-agent: ready"):
+            if mark in record.getMessage():
+                self.seen.setdefault(mark, time.perf_counter())
+
+
+MARKS = _Marks()
+_console_log = logging.getLogger("virtcontainers.console")
+_console_log.setLevel(logging.DEBUG)
+_console_log.addHandler(MARKS)
+_console_log.propagate = False
+
+
 async def boot_to_exec(store: StateStore, cfg: object) -> tuple[float, Sandbox]:
+    MARKS.seen.clear()
     start = time.perf_counter()
     sandbox = await Sandbox.create(cfg, store=store)  # type: ignore[arg-type]
     await sandbox.start()
@@ -64,7 +88,7 @@ async def main() -> None:
     _, warm = await boot_to_exec(store, cfg)
     await timed_stop(warm)
 
-    ratios, ours, bare, stops = [], [], [], []
+    ratios, ours, bare, stops, agent_after_init = [], [], [], [], []
     for i in range(args.pairs):
         if i % 2:
             b = await bare_boot(cfg, qemu, i)
@@ -72,6 +96,7 @@ async def main() -> None:
         else:
             o, sandbox = await boot_to_exec(store, cfg)
             b = await bare_boot(cfg, qemu, i)
+        agent_after_init.append(MARKS.seen["vc-agent: ready"] - MARKS.seen["vc-init: ready"])
         stops.append(await timed_stop(sandbox))
         ours.append(o)
         bare.append(b)
@@ -93,6 +118,7 @@ async def main() -> None:
         "bare_boot_to_init_median_ms": round(statistics.median(bare) * 1000, 1),
         "start_to_first_exec_median_ms": round(statistics.median(ours) * 1000, 1),
         "start_to_first_exec_ratio_median": round(statistics.median(ratios), 3),
+        "agent_ready_after_init_median_ms": round(statistics.median(agent_after_init) * 1000, 1),
         "exec_true_rtt_median_ms": round(statistics.median(rtts) * 1000, 2),
         "exec_true_rtt_p90_ms": round(statistics.quantiles(rtts, n=10)[-1] * 1000, 2),
         "stop_median_ms": round(statistics.median(stops) * 1000, 1),
