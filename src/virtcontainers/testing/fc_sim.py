@@ -289,13 +289,16 @@ class Vm:
         if (method, path) == ("GET", "/machine-config"):
             return 200, dict(self.machine)
         if (method, path) == ("GET", "/vm/config"):
-            return 200, {
-                "boot-source": self.boot or {},
+            full: dict[str, object] = {
                 "machine-config": self.machine,
                 "drives": list(self.drives.values()),
                 "network-interfaces": list(self.ifaces.values()),
-                "vsock": self.vsock,
             }
+            if self.boot is not None:
+                full["boot-source"] = self.boot
+            if self.vsock is not None:
+                full["vsock"] = self.vsock
+            return 200, full
         simple = {
             ("PUT", "/machine-config"): self._put_machine,
             ("PATCH", "/machine-config"): self._patch_machine,

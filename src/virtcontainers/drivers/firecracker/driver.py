@@ -817,7 +817,10 @@ class FirecrackerHypervisor(Hypervisor):
         jail = self._paths.jail
         if jail is not None:
             name = f"hotplug-{free}"
-            path = jail.link_in(drive.file, name)
+            try:
+                path = jail.link_in(drive.file, name)
+            except ConfigError as exc:
+                raise self._error(f"cannot hot-plug {drive.id}: {exc}") from exc
             self._jail_links[free] = name
         self._slots[free] = drive.id
         try:
