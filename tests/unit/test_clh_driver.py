@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.behaviour.harness_clh import sim_config
+from tests.unit.test_agent_client import Agent, agent_binary, start_agent  # noqa: F401
+from virtcontainers.agent.client import AgentClient
 from virtcontainers.agent.transport import connect_hybrid_vsock
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.config.kata import load_kata_config
@@ -24,6 +26,7 @@ from virtcontainers.devices import (
     BlockDrive,
     CpuDevice,
     FsShare,
+    HybridVSock,
     MemoryDevice,
     NetDevice,
     VfioDevice,
@@ -368,6 +371,34 @@ async def test_hybrid_vsock_refused_when_the_agent_is_not_listening(tmp_path: Pa
     try:
         with pytest.raises(AgentError, match="refused"):
             await connect_hybrid_vsock(hv.paths.vsock, 1024, timeout=5)
+    finally:
+        await hv.stop_sandbox()
+        await hv.cleanup()
+
+
+@pytest.fixture
+def vc_agent(agent_binary: Path, tmp_path: Path) -> Iterator[Agent]:  # noqa: F811
+    """The real guest agent, compiled and run on the host on a unix socket."""
+    yield from start_agent(agent_binary, tmp_path)
+
+
+async def test_guest_agent_through_the_simulated_vsock(tmp_path: Path, vc_agent: Agent) -> None:
+    """AgentClient -> hybrid vsock of the VMM -> vc-agent (host-run, ``--unix``)."""
+    hv = CloudHypervisor()
+    await hv.create_sandbox(
+        "vcagent", NetworkNamespace(), sim(tmp_path, "--agent-unix", vc_agent.sock)
+    )
+    await hv.start_sandbox(timeout=30)
+    try:
+        sock = await hv.generate_socket("vcagent")
+        assert isinstance(sock, HybridVSock)
+        client = await AgentClient.connect_hybrid_vsock(sock.uds_path, sock.port, timeout=10)
+        try:
+            assert (await client.ping()).protocol_major >= 0
+            result = await client.exec(["echo", "through", "vsock"])
+            assert (result.exit_code, result.stdout) == (0, b"through vsock\n")
+        finally:
+            await client.close()
     finally:
         await hv.stop_sandbox()
         await hv.cleanup()
