@@ -288,23 +288,41 @@ class Sandbox:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the guest to completion: stdout, stderr, exit code or signal.
 
+        ``timeout`` kills the command's process group after that many seconds
+        (``result.timed_out``).
+
         Raises:
             AgentError: the agent is unreachable or refused (e.g. no such program).
         """
         agent = await self._connect_agent()
-        return await agent.exec(list(argv), env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+        return await agent.exec(
+            list(argv), env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
+        )
 
     async def exec_stream(
-        self, argv: Sequence[str], *, tty: bool = False, env: Mapping[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        *,
+        tty: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        timeout: float | None = None,
     ) -> ExecProcess:
-        """Start ``argv``; iterate the result for ``(stream, bytes)`` as output comes."""
+        """Start ``argv``; iterate the result for ``(stream, bytes)`` as output comes, write
+        its stdin with ``write_stdin``, and ``wait()`` for its exit status."""
         agent = await self._connect_agent()
-        return await agent.exec_stream(list(argv), env=env, tty=tty)
+        return await agent.exec_stream(
+            list(argv), env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout
+        )
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         await (await self._connect_agent()).write_file(path, data, mode)

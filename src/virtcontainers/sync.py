@@ -95,11 +95,15 @@ class SyncSandbox:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
     ) -> ExecResult:
         return self._loop.run(
-            self._sandbox.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+            self._sandbox.exec(
+                argv, env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
+            )
         )
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:

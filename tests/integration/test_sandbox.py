@@ -119,6 +119,11 @@ def test_sync_facade(guest_image: GuestImage, vc_root: Path) -> None:
         sb.write_file("/tmp/x", b"\x00\x01binary\xff", 0o600)
         assert sb.read_file("/tmp/x") == b"\x00\x01binary\xff"
         assert sb.exec(["stat", "-c", "%a", "/tmp/x"]).stdout == b"600\n"
+        assert sb.exec(["id", "-u"], uid=1000, gid=1000).stdout == b"1000\n"
+        assert sb.exec(["cat"], stdin=b"in\x00put").stdout == b"in\x00put"
+        slow = sb.exec(["sleep", "30"], timeout=0.5)
+        assert slow.timed_out
+        assert slow.exit_code is None
         sb_id, run_dir = sb.id, Path(sb.info().run_dir)
     assert qemu_processes_for(run_dir) == []
     assert not run_dir.exists(), sb_id
