@@ -11,6 +11,8 @@ from virtcontainers.hypervisor import Hypervisor
 
 class Harness(abc.ABC):
     name: str
+    #: Whether each vCPU is a host thread (get_thread_ids maps them); not so on ACRN.
+    vcpu_threads: bool = True
 
     @abc.abstractmethod
     def config(self, tmp: Path) -> HypervisorConfig:
