@@ -435,6 +435,10 @@ class CloudHypervisor(Hypervisor):
                 term_timeout=self.stop_timeout,
             )
         await self._teardown()
+        if self._owns_run_dir:
+            # A VM that never started left nothing worth keeping: don't leak the empty dir.
+            with contextlib.suppress(OSError):
+                self._paths.run_dir.rmdir()
         self._set_state(VmState.STOPPED)
 
     async def _shutdown_vmm(self) -> None:
