@@ -110,7 +110,8 @@ async def test_block_hotplug_round_trip(running: Hypervisor, tmp_path: Path) -> 
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * (1 << 20))
     drive = await running.hotplug_add_device(BlockDrive(file=str(disk), id="d0"))
-    assert drive.pci_path or drive.scsi_addr
+    # Where the guest finds it: a PCI slot, a SCSI address, or (virtio-mmio) its /dev name.
+    assert drive.pci_path or drive.scsi_addr or drive.virt_path
     with pytest.raises(HypervisorError):
         await running.hotplug_add_device(BlockDrive(file=str(disk), id="d0"))
     await running.hotplug_remove_device(drive)
