@@ -686,8 +686,10 @@ async def test_serial_transport_and_host_reattach(agent_binary: Path, tmp_path: 
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
+        deadline = time.monotonic() + 20
         while "ready" not in log.read_text():
             assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"agent not ready: {log.read_text()!r}"
             await asyncio.sleep(0.01)
         first = AgentClient(*await _pty_streams(master), timeout=10)
         assert (await first.ping()).protocol_major == PROTOCOL_MAJOR
