@@ -28,6 +28,7 @@ from virtcontainers.devices import (
     VfioDevice,
     VhostUserDevice,
 )
+from virtcontainers.drivers._grpc import decode_vm, encode_vm
 from virtcontainers.drivers._resize import ResizeByHotplug, cpu_add_amount
 from virtcontainers.errors import (
     ConfigError,
@@ -279,21 +280,16 @@ class MockHypervisor(ResizeByHotplug):
 
     async def to_grpc(self) -> bytes:
         self._require("serialize", VmState.RUNNING, VmState.PAUSED)
-        return json.dumps({"state": self.save().to_dict(), "vm_state": self.state.value}).encode()
+        return encode_vm(self.save(), self.state)
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
         self._require("adopt a VM", VmState.NEW)
-        try:
-            doc = json.loads(data)
-            state = HypervisorState.from_dict(doc["state"])
-            vm_state = VmState(doc["vm_state"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise HypervisorError(f"invalid serialized VM: {exc}", driver="mock") from exc
+        vm = decode_vm(data, driver="mock")
         cfg = config.copy()
         cfg.valid()
         self._config = cfg
-        self.load(state)
-        self._set_state(vm_state)
+        self.load(vm.state)
+        self._set_state(vm.vm_state)
 
     def save(self) -> HypervisorState:
         return HypervisorState(

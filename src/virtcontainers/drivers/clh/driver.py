@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -45,6 +44,7 @@ from virtcontainers.devices import (
     VhostUserKind,
     VSock,
 )
+from virtcontainers.drivers._grpc import decode_vm, encode_vm
 from virtcontainers.drivers._resize import hotplug_mem_mib
 from virtcontainers.drivers.clh import vmconfig
 from virtcontainers.drivers.clh.api import BOOT_TIMEOUT, ClhApi, EventHooks, Json
@@ -751,25 +751,17 @@ class CloudHypervisor(Hypervisor):
 
     async def to_grpc(self) -> bytes:
         self._require("serialize", VmState.RUNNING, VmState.PAUSED)
-        return json.dumps(
-            {"state": self.save().to_dict(), "vm_state": self.state.value, "argv": self._argv}
-        ).encode()
+        return encode_vm(self.save(), self.state, self._argv)
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
         """Adopt a running VM serialized by :meth:`to_grpc` (same host)."""
         self._require("adopt a VM", VmState.NEW)
-        try:
-            doc = json.loads(data)
-            state = HypervisorState.from_dict(doc["state"])
-            VmState(doc["vm_state"])
-            argv = [str(a) for a in doc.get("argv", [])]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise self._error(f"invalid serialized VM: {exc}") from exc
+        vm = decode_vm(data, driver="clh")
         cfg = config.copy()
         cfg.valid()
         self._config = cfg
-        self.load(state)
-        self._argv = argv
+        self.load(vm.state)
+        self._argv = list(vm.argv)
         await self.reattach()
 
     def save(self) -> HypervisorState:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -45,6 +44,7 @@ from virtcontainers.devices import (
     MemoryDevice,
     NetDevice,
 )
+from virtcontainers.drivers._grpc import decode_vm, encode_vm
 from virtcontainers.drivers.firecracker.api import (
     ApiUnreachable,
     FirecrackerApi,
@@ -932,24 +932,17 @@ class FirecrackerHypervisor(Hypervisor):
 
     async def to_grpc(self) -> bytes:
         self._require("serialize", VmState.RUNNING, VmState.PAUSED)
-        return json.dumps(
-            {"state": self.save().to_dict(), "vm_state": self.state.value, "argv": self._argv}
-        ).encode()
+        return encode_vm(self.save(), self.state, self._argv)
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
         """Adopt a running Firecracker serialized by :meth:`to_grpc` (same host)."""
         self._require("adopt a VM", VmState.NEW)
-        try:
-            doc = json.loads(data)
-            state = HypervisorState.from_dict(doc["state"])
-            argv = [str(a) for a in doc.get("argv", [])]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise self._error(f"invalid serialized VM: {exc}") from exc
+        vm = decode_vm(data, driver="firecracker")
         cfg = config.copy()
         cfg.valid()
         self._config = cfg
-        self.load(state)
-        self._argv = argv
+        self.load(vm.state)
+        self._argv = list(vm.argv)
         await self.reattach()
 
     def save(self) -> HypervisorState:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -38,6 +37,7 @@ from virtcontainers.devices import (
     VhostUserDevice,
     VSock,
 )
+from virtcontainers.drivers._grpc import decode_vm, encode_vm
 from virtcontainers.drivers._resize import ResizeByHotplug
 from virtcontainers.drivers.qemu import hotplug
 from virtcontainers.drivers.qemu.argv import (
@@ -495,25 +495,18 @@ class QemuHypervisor(ResizeByHotplug):
 
     async def to_grpc(self) -> bytes:
         self._require("serialize", VmState.RUNNING, VmState.PAUSED)
-        return json.dumps(
-            {"state": self.save().to_dict(), "vm_state": self.state.value, "argv": self._argv}
-        ).encode()
+        return encode_vm(self.save(), self.state, self._argv)
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
         """Adopt a running QEMU serialized by :meth:`to_grpc` (same host)."""
         self._require("adopt a VM", VmState.NEW)
-        try:
-            doc = json.loads(data)
-            state = HypervisorState.from_dict(doc["state"])
-            vm_state = VmState(doc["vm_state"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise self._error(f"invalid serialized VM: {exc}") from exc
+        vm = decode_vm(data, driver="qemu")
         cfg = config.copy()
         cfg.valid()
         self._config = cfg
-        if vm_state not in (VmState.RUNNING, VmState.PAUSED):
-            raise self._error(f"cannot adopt a VM that is {vm_state}")
-        self.load(state)
+        if vm.vm_state not in (VmState.RUNNING, VmState.PAUSED):
+            raise self._error(f"cannot adopt a VM that is {vm.vm_state}")
+        self.load(vm.state)
         await self.reattach()
 
     def save(self) -> HypervisorState:
