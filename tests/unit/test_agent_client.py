@@ -665,8 +665,18 @@ async def _pty_streams(master: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     rproto = asyncio.StreamReaderProtocol(reader)
-    await loop.connect_read_pipe(lambda: rproto, os.fdopen(os.dup(master), "rb", buffering=0))
-    wproto = asyncio.StreamReaderProtocol(asyncio.StreamReader())
+    rtransport, _ = await loop.connect_read_pipe(
+        lambda: rproto, os.fdopen(os.dup(master), "rb", buffering=0)
+    )
+
+    class ClosesReadSide(asyncio.StreamReaderProtocol):
+        # A socket closes both directions at once; the pty's two pipe transports do not. A
+        # client's read side left open would go on stealing bytes meant for the next client.
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            rtransport.close()
+
+    wproto = ClosesReadSide(asyncio.StreamReader())
     wtransport, _ = await loop.connect_write_pipe(
         lambda: wproto, os.fdopen(os.dup(master), "wb", buffering=0)
     )

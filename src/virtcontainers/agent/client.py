@@ -13,7 +13,6 @@ agent is an :class:`AgentRequestError` carrying the agent's error code and errno
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno as errno_mod
 import logging
 import os
@@ -241,6 +240,10 @@ class ExecProcess:
     async def signal(self, sig: int, *, group: bool = False) -> None:
         """Send ``sig`` to the process (or its whole process group)."""
         await self._client.signal(self.exec_id, sig, group=group)
+
+
+#: How long close() lets buffered bytes drain before dropping the connection.
+_CLOSE_FLUSH_TIMEOUT = 2.0
 
 
 class AgentClient:
@@ -529,8 +532,15 @@ class AgentClient:
             await asyncio.wait([task])
         self._fail_all(AgentError("agent client is closed"))
         self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+        # A peer that stopped reading (a wedged agent, a full pty or virtio-serial buffer)
+        # would keep buffered bytes unflushed and wait_closed() pending forever.
+        try:
+            async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                await self._writer.wait_closed()
+        except TimeoutError:
+            self._writer.transport.abort()
+        except OSError:
+            pass
 
     # --- plumbing ----------------------------------------------------------------------
     def _start(self) -> None:
