@@ -93,12 +93,14 @@ async def driver_boot(cfg: HypervisorConfig, n: int) -> tuple[float, float]:
     cpu0 = time.process_time()
     start = time.perf_counter()
     await hv.create_sandbox(f"bench{n}", NetworkNamespace(), cfg)
-    await hv.start_sandbox(timeout=60)
-    cpu_start = time.process_time() - cpu0
-    await handler.seen.wait()
-    elapsed = time.perf_counter() - start
-    cpu1 = time.process_time()
-    await hv.stop_sandbox()
+    try:
+        await hv.start_sandbox(timeout=60)
+        cpu_start = time.process_time() - cpu0
+        await asyncio.wait_for(handler.seen.wait(), 60)
+        elapsed = time.perf_counter() - start
+        cpu1 = time.process_time()
+    finally:
+        await hv.stop_sandbox()
     cpu_stop = time.process_time() - cpu1
     await hv.cleanup()
     console_log.removeHandler(handler)

@@ -56,10 +56,14 @@ async def boot_to_exec(store: StateStore, cfg: object) -> tuple[float, Sandbox]:
     MARKS.seen.clear()
     start = time.perf_counter()
     sandbox = await Sandbox.create(cfg, store=store)  # type: ignore[arg-type]
-    await sandbox.start()
-    result = await sandbox.exec(["true"])
-    elapsed = time.perf_counter() - start
-    assert result.exit_code == 0
+    try:
+        await sandbox.start()
+        result = await sandbox.exec(["true"])
+        elapsed = time.perf_counter() - start
+        assert result.exit_code == 0
+    except BaseException:
+        await sandbox.remove()  # never leave a VM running behind a failed measurement
+        raise
     return elapsed, sandbox
 
 

@@ -53,6 +53,7 @@ async def test_illegal_transitions_raise_state_error(harness: Harness, tmp_path:
     await hv.stop_sandbox()
     with pytest.raises(StateError):
         await hv.start_sandbox(timeout=5)
+    await hv.cleanup()
 
 
 async def test_resume_while_running_and_cold_plug_after_start(running: Hypervisor) -> None:
