@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -87,7 +88,14 @@ async def main() -> None:
     cfg = make_config(image)
     qemu = str(host.find_binary(["qemu-system-x86_64"]))
     host.accelerator()
-    store = StateStore(Path(tempfile.mkdtemp(prefix="vc-bench-")))
+    root = Path(tempfile.mkdtemp(prefix="vc-bench-"))
+    try:
+        await measure(args, cfg, qemu, StateStore(root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def measure(args: argparse.Namespace, cfg: object, qemu: str, store: StateStore) -> None:
 
     _, warm = await boot_to_exec(store, cfg)
     await timed_stop(warm)
