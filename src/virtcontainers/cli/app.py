@@ -7,7 +7,9 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from virtcontainers import errors
 from virtcontainers.errors import VirtContainersError
 
 app = typer.Typer(
@@ -46,5 +48,9 @@ def main() -> None:
     except VirtContainersError as exc:
         if _debug:
             raise
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        # Name the public error class (the tree in errors.py), not a private subclass.
+        kind = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in errors.__all__)
+        err_console.print(
+            f"[bold red]error:[/] {kind}: {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(1)
