@@ -29,6 +29,7 @@ __all__ = [
     "BRIDGE_SLOTS",
     "DEFAULT_MEM_SLOTS",
     "MACHINE_TYPES",
+    "TEMPLATE_RAM_ID",
     "QemuPaths",
     "build_argv",
     "kernel_params",
@@ -38,6 +39,8 @@ MACHINE_TYPES = ("q35", "pc", "microvm")
 PCI_MACHINES = ("q35", "pc")
 #: The guest agent finds its virtio-serial port by this name.
 AGENT_PORT_NAME = "vc.agent"
+#: The memory backend of a template VM and its clones.
+TEMPLATE_RAM_ID = "ram0"
 #: Kata's build default for memory slots when the config leaves it at 0.
 DEFAULT_MEM_SLOTS = 10
 #: Slots 1..30 of each bridge take hot-plugged devices (0 is reserved, 31 is not hot-pluggable
@@ -154,6 +157,12 @@ def build_argv(
         machine_opts += ["x-option-roms=off", "pit=off", "pic=off", "rtc=on", "isa-serial=on"]
     if cfg.boot.machine_accelerators:
         machine_opts.append(cfg.boot.machine_accelerators)
+    tpl = cfg.template
+    templating = tpl.boot_to_be_template or tpl.boot_from_template
+    if templating:
+        # Guest RAM comes from a file: shared with the file for the template (its pages are
+        # the template), private copy-on-write mappings for the clones (QEMU 7.2 syntax).
+        machine_opts.append(f"memory-backend={TEMPLATE_RAM_ID}")
 
     cpu = "host" if accel == "kvm" else "max"
     if cfg.boot.cpu_features:
@@ -213,6 +222,16 @@ def build_argv(
         rng = cfg.boot.entropy_source or "/dev/urandom"
         argv += ["-object", f"rng-random,id=rng0,filename={rng}"]
         argv += ["-device", "virtio-rng-pci,rng=rng0"]
+    if templating:
+        share = "on" if tpl.boot_to_be_template else "off"
+        argv += [
+            "-object",
+            f"memory-backend-file,id={TEMPLATE_RAM_ID},size={r.memory_size}M,"
+            f"mem-path={tpl.memory_path},share={share}",
+        ]
+    if tpl.boot_from_template:
+        # Wait for ``migrate-incoming`` (the device state) instead of booting.
+        argv += ["-incoming", "defer"]
     if cfg.resources.mem_prealloc:
         argv += ["-mem-prealloc"]
     if cfg.boot.firmware_path or cfg.firmware_asset_path():

@@ -172,6 +172,7 @@ class QemuHypervisor(ResizeByHotplug):
                 allowed=MACHINE_TYPES,
             )
         _check_boot_files(cfg)
+        _check_template_files(cfg)
         binary = cfg.hypervisor_asset_path() or _find_qemu()
         if not binary:
             raise ConfigError(
@@ -233,6 +234,10 @@ class QemuHypervisor(ResizeByHotplug):
             await self._console.connect(deadline, abort=exited)
             self._qmp = Qmp(self._paths.qmp, sandbox_id=self.sandbox_id)
             await self._qmp.connect(deadline, abort=exited)
+            if self._config.template.boot_from_template:
+                await self._guarded(
+                    "the restore from the template", self._incoming(self._qmp, deadline)
+                )
         except BaseException as exc:
             await self._abort_start()
             if isinstance(exc, HypervisorTimeout):
@@ -245,6 +250,35 @@ class QemuHypervisor(ResizeByHotplug):
             with contextlib.suppress(asyncio.CancelledError, LaunchError):
                 await exited
         self._set_state(VmState.RUNNING)
+
+    async def _incoming(self, qmp: Qmp, deadline: float) -> None:
+        """Load a template's device state into this ``-incoming defer`` clone, then run it.
+
+        The state file goes in as a read-only descriptor (``getfd`` + ``fd:`` URI): QEMU
+        never opens a path, and ``-sandbox spawn=deny`` rules out ``exec:`` anyway. The
+        RAM is not in the stream (``x-ignore-shared``): it is the template's memory file,
+        mapped privately.
+        """
+        await qmp.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        path = self._config.template.devices_state_path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open the template's device state {path}: {exc.strerror}",
+                field="template.devices_state_path",
+            ) from exc
+        try:
+            qmp.send_fd(fd)
+            await qmp.execute("getfd", {"fdname": "migin"})
+        finally:
+            os.close(fd)
+        await qmp.execute("migrate-incoming", {"uri": "fd:migin"})
+        await self._wait_migration(qmp, max(deadline - time.monotonic(), 1.0), "restoring")
+        await qmp.execute("cont")
 
     async def _exited_early(self) -> None:
         """Resolves with LaunchError as soon as QEMU exits during start-up."""
@@ -349,7 +383,7 @@ class QemuHypervisor(ResizeByHotplug):
         await qmp.execute("migrate", {"uri": "fd:migfile"})
         await self._wait_migration(qmp)
 
-    async def _wait_migration(self, qmp: Qmp, timeout: float = 120.0) -> None:
+    async def _wait_migration(self, qmp: Qmp, timeout: float = 120.0, what: str = "saving") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = as_dict(await qmp.execute("query-migrate"))
@@ -357,9 +391,9 @@ class QemuHypervisor(ResizeByHotplug):
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
-                raise self._error(f"saving the VM state failed: {info}")
-            await asyncio.sleep(0.02)
-        raise HypervisorTimeout("saving the VM state", timeout, driver="qemu")
+                raise self._error(f"{what} the VM state failed: {info}")
+            await asyncio.sleep(0.01)
+        raise HypervisorTimeout(f"{what} the VM state", timeout, driver="qemu")
 
     async def check(self) -> None:
         """Raises HypervisorError when QEMU is gone or the guest crashed."""
@@ -570,6 +604,30 @@ def _check_boot_files(cfg: HypervisorConfig) -> None:
     ):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{label} {path} does not exist", field=f"boot.{label}_path")
+
+
+def _check_template_files(cfg: HypervisorConfig) -> None:
+    """A clone needs the template's memory file (big enough) and device state file."""
+    t = cfg.template
+    if not t.boot_from_template:
+        return
+    try:
+        size = os.stat(t.memory_path).st_size
+    except OSError as exc:
+        raise ConfigError(
+            f"template memory file {t.memory_path}: {exc.strerror}", field="template.memory_path"
+        ) from exc
+    if size < cfg.resources.memory_size << 20:
+        raise ConfigError(
+            f"template memory file {t.memory_path} holds {size >> 20} MiB, "
+            f"the VM wants {cfg.resources.memory_size} MiB",
+            field="template.memory_path",
+        )
+    if not os.path.isfile(t.devices_state_path):
+        raise ConfigError(
+            f"template device state {t.devices_state_path} does not exist",
+            field="template.devices_state_path",
+        )
 
 
 def _find_qemu() -> str:
