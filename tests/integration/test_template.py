@@ -85,6 +85,9 @@ async def test_two_clones_are_independent_and_leave_the_template_intact(
         assert await a.read_file("/tmp/only-in-a") == b"secret"
         probe = await b.exec(["test", "-e", "/tmp/only-in-a"])
         assert probe.exit_code == 1
+        # Same RNG state at the pause; after restore (+ reseed) they must not repeat.
+        rand = ["head", "-c", "16", "/dev/urandom"]
+        assert (await a.exec(rand)).stdout != (await b.exec(rand)).stdout
         # Both run on: each agent still answers after the other's work.
         assert (await b.exec(["cat", "/proc/uptime"])).exit_code == 0
         assert (await a.exec(["cat", "/proc/uptime"])).exit_code == 0
