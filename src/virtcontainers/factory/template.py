@@ -55,13 +55,13 @@ def _template_dir(path: str | os.PathLike[str] | None, require_tmpfs: bool) -> P
             )
         return Path(tempfile.mkdtemp(prefix="vc-template-", dir=DEFAULT_TEMPLATE_ROOT))
     where = Path(path).absolute()
-    where.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fstype = _fs_type(where)
+    fstype = _fs_type(where)  # by mount point prefix: works before the directory exists
     if require_tmpfs and fstype not in _MEMORY_FS:
         raise ConfigError(
             f"template directory {where} is on {fstype or 'an unknown fs'}, not tmpfs",
             field="template.memory_path",
         )
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
     return where
 
 
