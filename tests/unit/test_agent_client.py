@@ -28,6 +28,7 @@ import pytest
 
 from virtcontainers.agent import (
     PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
     AgentClient,
     AgentRequestError,
     Stream,
@@ -604,7 +605,7 @@ async def test_incompatible_agent_version(agent: Agent) -> None:
             with pytest.raises(AgentError, match="incompatible agent protocol") as info:
                 await c.ping()
             assert "version 2" in str(info.value)
-            assert f"client speaks {PROTOCOL_MAJOR}.0" in str(info.value)
+            assert f"client speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}" in str(info.value)
             await c.close()
     finally:
         for s in servers:
@@ -683,6 +684,15 @@ async def _pty_streams(master: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     return reader, asyncio.StreamWriter(wtransport, wproto, reader, loop)
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie awaiting its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 async def test_serial_transport_and_host_reattach(agent_binary: Path, tmp_path: Path) -> None:
     """Like virtio-serial, a pty does not tell the agent that the host went away."""
     master, slave = os.openpty()
@@ -706,6 +716,8 @@ async def test_serial_transport_and_host_reattach(agent_binary: Path, tmp_path: 
         assert (await first.exec(["echo", "over serial"])).stdout == b"over serial\n"
         binary = random.Random(5).randbytes(300_000)
         assert (await first.exec(["cat"], stdin=binary)).stdout == binary
+        # The first host leaves a `cat` waiting for stdin that only that host could close.
+        waiting = await first.exec_stream(["cat"])
         # the host dies half-way through a frame
         first._writer.write(encode_frame(FrameType.EXEC, 1, bytes(200))[:60])
         await first.close()
@@ -718,6 +730,12 @@ async def test_serial_transport_and_host_reattach(agent_binary: Path, tmp_path: 
         # ...one that sends the sync preamble (the default) gets through.
         second = AgentClient(*await _pty_streams(master), timeout=10)
         assert (await second.ping()).protocol_major == PROTOCOL_MAJOR
+        # The pty never reports the first host gone; its ATTACH ends the first host's session,
+        # so the agent closes that `cat`'s stdin and the process exits.
+        deadline = time.monotonic() + 10
+        while _alive(waiting.pid):
+            assert time.monotonic() < deadline, "the first host's exec outlived its session"
+            await asyncio.sleep(0.02)
         assert (await second.exec(["echo", "again"])).stdout == b"again\n"
         await second.shutdown()
         await second.close()

@@ -253,9 +253,9 @@ class AgentClient:
     class methods, and ``await close()`` when done. Each call takes ``timeout`` (seconds,
     default: the client's ``timeout``) and raises ``AgentError`` when it passes.
 
-    ``resync`` sends :data:`SYNC_PREAMBLE` before the first frame so that an agent on a
-    virtio-serial port, which cannot see host reconnects, drops whatever a previous host left
-    half-written.
+    ``resync`` sends :data:`SYNC_PREAMBLE` and an ATTACH frame before the first request, so
+    that an agent on a virtio-serial port, which cannot reliably see host reconnects, drops
+    whatever a previous host left half-written and ends that host's sessions.
     """
 
     def __init__(
@@ -547,7 +547,9 @@ class AgentClient:
         if self._task is not None or self._closed:
             return
         if self._resync:
-            self._writer.write(SYNC_PREAMBLE)
+            # ATTACH tells the agent that the previous host's sessions are over, which a
+            # virtio-serial port does not reliably do (docs/agent-protocol.md, "Resync").
+            self._writer.write(SYNC_PREAMBLE + encode_frame(FrameType.ATTACH, 0, b""))
         self._task = asyncio.create_task(self._read_loop(), name="agent-reader")
 
     def _check_usable(self) -> None:

@@ -48,7 +48,7 @@ __all__ = [
 MAGIC = b"VCAG"
 PROTOCOL_MAJOR = 1
 """Frames carry this in their version byte; a different major version is incompatible."""
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1
 """Additive changes (new optional tags, new request types) bump the minor version only."""
 
 _HEADER = struct.Struct(">4sBBHIIII")
@@ -73,6 +73,8 @@ class FrameType(IntEnum):
     ONLINE_CPUS = 0x06
     ONLINE_MEMORY = 0x07
     SHUTDOWN = 0x08
+    ATTACH = 0x09
+    """Sent once after :data:`SYNC_PREAMBLE` (id 0, no reply): a new host's session begins."""
     OK = 0x40
     ERROR = 0x41
     STDIN = 0x80

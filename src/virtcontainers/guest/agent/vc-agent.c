@@ -43,7 +43,7 @@
 
 #define AGENT_VERSION "0.1.0"
 #define PROTO_MAJOR 1
-#define PROTO_MINOR 0
+#define PROTO_MINOR 1
 
 #define HDR_SIZE 24
 #define MAX_PAYLOAD 65536u
@@ -54,6 +54,12 @@
 #define MAX_EXECS 1024
 #define MAX_ITEMS 65536 /* argv + env entries per exec */
 #define SERIAL_RETRY_MS 20
+/* How long a virtio-serial port must stay hung up before the host counts as gone. The guest
+ * kernel applies the host's open/close notices from a work queue, after the data that may
+ * follow them: a host that has just reconnected can have its request handled while the port
+ * still reports the previous host's hangup, and dropping the reply then would leave the new
+ * host waiting forever. */
+#define SERIAL_HANGUP_GRACE_MS 3000
 
 static const uint8_t MAGIC[4] = {'V', 'C', 'A', 'G'};
 
@@ -66,6 +72,7 @@ enum frame_type {
     T_ONLINE_CPUS = 0x06,
     T_ONLINE_MEMORY = 0x07,
     T_SHUTDOWN = 0x08,
+    T_ATTACH = 0x09,
     T_OK = 0x40,
     T_ERROR = 0x41,
     T_STDIN = 0x80,
@@ -262,6 +269,7 @@ static int listen_fd = -1;
 static int chan_fd = -1;
 static int host_up; /* serial: we believe a host is attached; sockets: connected */
 static int64_t serial_retry_at;
+static int64_t serial_hangup_since; /* serial, host_up: first hangup seen since the last I/O */
 static struct buf chan_in, chan_out;
 static uint64_t garbage_bytes;
 
@@ -1133,6 +1141,38 @@ static void handle_stdin(uint32_t id, uint16_t flags, const uint8_t *p, uint32_t
     exec_write_stdin(e);
 }
 
+/* Execs of a host that left lose their stdio: stdin is closed, output is read and dropped, the
+ * exit is not reported. A tty session gets the hangup a terminal would send. */
+static void orphan_execs(void)
+{
+    for (int i = 0; i < nexecs; i++) {
+        struct exec *e = execs[i];
+        if (e->done || e->orphan)
+            continue;
+        e->orphan = 1;
+        if (e->tty && !e->exited)
+            kill(-e->pid, SIGHUP);
+        exec_stdin_gone(e);
+    }
+}
+
+/* ATTACH starts a new host's session. On virtio-serial the previous host may have left without
+ * the agent seeing a lasting hangup, so what it left behind goes now: its execs and the output
+ * still queued for it. The sync preamble before ATTACH is expected garbage; only the rest is
+ * worth a line on the console. */
+static void host_attached(void)
+{
+    uint64_t preamble = HDR_SIZE + MAX_PAYLOAD;
+    uint64_t extra = garbage_bytes > preamble ? garbage_bytes - preamble : 0;
+    if (extra)
+        logmsg("skipped %llu bytes of garbage", (unsigned long long)extra);
+    if (verbose)
+        logmsg("new host session");
+    garbage_bytes = 0;
+    buf_free(&chan_out);
+    orphan_execs();
+}
+
 static void handle_frame(uint8_t type, uint16_t flags, uint32_t id, const uint8_t *p, uint32_t n)
 {
     if (type == T_STDIN) {
@@ -1145,6 +1185,10 @@ static void handle_frame(uint8_t type, uint16_t flags, uint32_t id, const uint8_
             uint64_t c = (uint64_t)e->out_credit + rd32(p);
             e->out_credit = c > (1u << 30) ? (1u << 30) : (uint32_t)c;
         }
+        return;
+    }
+    if (type == T_ATTACH) {
+        host_attached();
         return;
     }
     if (type < T_PING || type > T_SHUTDOWN) {
@@ -1277,17 +1321,23 @@ static void host_gone(const char *why)
         serial_retry_at = now_ms() + SERIAL_RETRY_MS;
     }
     host_up = 0;
-    /* Execs of that session lose their stdio: stdin is closed, output is read and dropped, the
-     * exit is not reported. A tty session gets the hangup a terminal would send. */
-    for (int i = 0; i < nexecs; i++) {
-        struct exec *e = execs[i];
-        if (e->done)
-            continue;
-        e->orphan = 1;
-        if (e->tty && !e->exited)
-            kill(-e->pid, SIGHUP);
-        exec_stdin_gone(e);
+    serial_hangup_since = 0;
+    orphan_execs();
+}
+
+/* Serial: the port reports no host (POLLHUP, or a read of 0 with nothing buffered). */
+static void serial_hangup(const char *why)
+{
+    int64_t t = now_ms();
+    if (host_up && !serial_hangup_since) {
+        serial_hangup_since = t;
+        if (verbose)
+            logmsg("port hangup (%s): the host may be gone", why);
     }
+    if (host_up && t - serial_hangup_since >= SERIAL_HANGUP_GRACE_MS)
+        host_gone(why);
+    else
+        serial_retry_at = t + SERIAL_RETRY_MS;
 }
 
 static void chan_read(void)
@@ -1299,13 +1349,17 @@ static void chan_read(void)
         if (!host_up && verbose)
             logmsg("host attached");
         host_up = 1;
+        serial_hangup_since = 0;
         chan_in.len += (size_t)r;
         parse_input();
         return;
     }
     if (r < 0 && (errno == EAGAIN || errno == EINTR))
         return;
-    host_gone(r == 0 ? "EOF" : strerror(errno));
+    if (r == 0 && transport == TR_SERIAL)
+        serial_hangup("EOF");
+    else
+        host_gone(r == 0 ? "EOF" : strerror(errno));
 }
 
 static void chan_flush(void)
@@ -1314,6 +1368,7 @@ static void chan_flush(void)
         ssize_t w = write(chan_fd, chan_out.d + chan_out.off, chan_out.len);
         if (w > 0) {
             buf_consume(&chan_out, (size_t)w);
+            serial_hangup_since = 0;
             continue;
         }
         if (w < 0 && (errno == EAGAIN || errno == EINTR))
@@ -1411,8 +1466,9 @@ static int listen_on(const char *what, const char *arg)
 }
 
 /* Without a transport on argv, the kernel command line may name one (the guest init runs us
- * without arguments): vc.agent=serial:NAME, vc.agent=vsock or vc.agent=vsock:PORT. */
-static void transport_from_cmdline(const char *path, const char **serial, const char **vsock_port)
+ * without arguments): vc.agent=serial:NAME, vc.agent=vsock or vc.agent=vsock:PORT;
+ * vc.agent.verbose=1 logs connection events to the console. */
+static void options_from_cmdline(const char *path, const char **serial, const char **vsock_port)
 {
     static char line[4096];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -1424,6 +1480,8 @@ static void transport_from_cmdline(const char *path, const char **serial, const 
         return;
     line[r] = 0;
     for (char *tok = strtok(line, " \t\n"); tok; tok = strtok(NULL, " \t\n")) {
+        if (!strcmp(tok, "vc.agent.verbose=1"))
+            verbose = 1;
         if (strncmp(tok, "vc.agent=", 9))
             continue;
         const char *v = tok + 9;
@@ -1452,7 +1510,8 @@ static void usage(void)
                     "                [--sysfs-root DIR] [--cmdline FILE] [--no-poweroff]\n"
                     "                [--verbose] [--version]\n"
                     "Without a transport option: vc.agent=serial:NAME|vsock[:PORT] from the\n"
-                    "kernel command line, else the virtio-serial port named vc.agent.\n");
+                    "kernel command line, else the virtio-serial port named vc.agent;\n"
+                    "vc.agent.verbose=1 there logs connection events.\n");
     exit(2);
 }
 
@@ -1491,7 +1550,7 @@ int main(int argc, char **argv)
         }
     }
     if (!chosen)
-        transport_from_cmdline(cmdline, &serial, &vsock_port);
+        options_from_cmdline(cmdline, &serial, &vsock_port);
     /* init may start us with fds 0-2 closed: keep pipes and sockets off them */
     for (int fd = 0; fd < 3; fd++)
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
@@ -1543,13 +1602,13 @@ int main(int argc, char **argv)
                 ev |= POLLIN;
             if (chan_out.len)
                 ev |= POLLOUT;
-            if (transport == TR_SERIAL && !host_up) {
+            if (transport == TR_SERIAL && (!host_up || serial_hangup_since)) {
                 /* A port without a host reports POLLHUP constantly: look again later. */
                 if (now < serial_retry_at) {
                     ev = 0;
                     timeout = (int)(serial_retry_at - now);
                 } else {
-                    ev = POLLIN;
+                    ev = POLLIN | (host_up && chan_out.len ? POLLOUT : 0);
                 }
             }
             if (ev) {
@@ -1615,10 +1674,7 @@ int main(int argc, char **argv)
             case K_LISTEN: accept_host(); break;
             case K_CHAN:
                 if (transport == TR_SERIAL && (re & POLLHUP) && !(re & POLLIN)) {
-                    if (host_up)
-                        host_gone("port hangup");
-                    else
-                        serial_retry_at = now_ms() + SERIAL_RETRY_MS;
+                    serial_hangup("POLLHUP");
                     break;
                 }
                 if (re & (POLLIN | POLLHUP | POLLERR))
