@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 LINES_SCRIPT = """
 i=1
 while [ $i -le 1000 ]; do echo "console-line $i"; i=$((i+1)); done
+stty -F /dev/console opost  # set with TCSADRAIN: wait for the guest's serial driver to send it all
 poweroff -f
 """
 

@@ -1101,6 +1101,17 @@ static void flush_blocking(int64_t budget_ms)
     }
 }
 
+/* The serial console's driver sends queued output from interrupts, and power-off does not wait
+ * for it: without this the last lines on the console (ours, and any an exec wrote there) can
+ * be lost, or cut by the kernel's own power-down message. Bounded, in case nothing drains. */
+static void drain_console(void)
+{
+    int64_t end = now_ms() + 2000;
+    int queued = 0;
+    while (ioctl(2, TIOCOUTQ, &queued) == 0 && queued > 0 && now_ms() < end)
+        usleep(5000);
+}
+
 static void do_shutdown(uint32_t id)
 {
     sync();
@@ -1115,6 +1126,7 @@ static void do_shutdown(uint32_t id)
         exit(0);
     }
     logmsg("shutdown requested: powering off");
+    drain_console();
     reboot(RB_POWER_OFF);
     die("reboot");
 }
