@@ -730,8 +730,8 @@ async def test_serial_transport_and_host_reattach(agent_binary: Path, tmp_path: 
         # ...one that sends the sync preamble (the default) gets through.
         second = AgentClient(*await _pty_streams(master), timeout=10)
         assert (await second.ping()).protocol_major == PROTOCOL_MAJOR
-        # The pty never reports the first host gone; its ATTACH ends the first host's session,
-        # so the agent closes that `cat`'s stdin and the process exits.
+        # The pty never reports the first host gone, but the second host's ATTACH ends the
+        # first host's session: the agent closes that `cat`'s stdin and the process exits.
         deadline = time.monotonic() + 10
         while _alive(waiting.pid):
             assert time.monotonic() < deadline, "the first host's exec outlived its session"
