@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from virtcontainers.errors import VirtContainersError
+from virtcontainers.fsutil import atomic_write, mkdir_private
 from virtcontainers.hypervisor import HypervisorType
 
 __all__ = [
@@ -564,12 +565,8 @@ def _boot_cached_status() -> KvmStatus:
     doc = {"boot_id": boot_id, "state": status.state.value, "detail": status.detail,
            "ns": status.ns_per_iteration}  # fmt: skip
     with contextlib.suppress(OSError):
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = root / f".kvm-probe.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)
+        mkdir_private(root)
+        atomic_write(path, json.dumps(doc).encode(), tmp_prefix=".kvm-probe.")
     return status
 
 
