@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 
+from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.errors import HypervisorTimeout
 
 __all__ = ["ConsoleWatcher"]
@@ -38,26 +38,31 @@ class ConsoleWatcher:
         self._partial = b""
         self.lines = 0
 
-    async def connect(self, deadline: float, *, abort: asyncio.Future[None] | None = None) -> None:
-        """Connect, retrying every 10 ms until the monotonic ``deadline``.
+    async def connect(
+        self, deadline: Deadline, *, abort: asyncio.Future[None] | None = None
+    ) -> None:
+        """Connect, retrying every 10 ms until ``deadline``.
 
         ``abort`` (e.g. "the VMM exited") ends the wait early with the future's exception.
 
         Raises:
             HypervisorTimeout: the socket did not accept a connection in time.
         """
-        while True:
+
+        async def attempt() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
-                break
+                return await asyncio.open_unix_connection(str(self.socket_path))
             except (FileNotFoundError, ConnectionRefusedError):
-                if abort is not None and abort.done():
-                    abort.result()
-                if time.monotonic() >= deadline:
-                    raise HypervisorTimeout(
-                        f"connecting the console at {self.socket_path}", 0
-                    ) from None
-                await asyncio.sleep(0.01)
+                return None
+
+        reader, writer = await poll_until(
+            deadline,
+            attempt,
+            abort=abort,
+            on_timeout=lambda: HypervisorTimeout(
+                f"connecting the console at {self.socket_path}", deadline.seconds
+            ),
+        )
         self._writer = writer
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._task = asyncio.create_task(self._pump(reader, fd), name=f"console:{self.log_path}")

@@ -31,9 +31,16 @@ class VmmProcess:
     """One VMM process. Create with :meth:`spawn` or :meth:`adopt`."""
 
     def __init__(
-        self, pid: int, *, child: asyncio.subprocess.Process | None, log_path: Path | None
+        self,
+        pid: int,
+        *,
+        child: asyncio.subprocess.Process | None,
+        log_path: Path | None,
+        argv: Sequence[str] = (),
     ) -> None:
         self.pid = pid
+        #: What was executed (empty for an adopted process).
+        self.argv: tuple[str, ...] = tuple(argv)
         self._child = child
         self.log_path = log_path
         self._pidfd: int | None = None
@@ -68,7 +75,7 @@ class VmmProcess:
         finally:
             os.close(fd)
         log.debug("spawned pid %d: %s", proc.pid, " ".join(argv))
-        return cls(proc.pid, child=proc, log_path=log_path)
+        return cls(proc.pid, child=proc, log_path=log_path, argv=argv)
 
     @classmethod
     def adopt(cls, pid: int, *, log_path: Path | None = None) -> VmmProcess:

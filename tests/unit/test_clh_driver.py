@@ -22,6 +22,7 @@ from virtcontainers.agent.client import AgentClient
 from virtcontainers.agent.transport import connect_hybrid_vsock
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.config.kata import load_kata_config
+from virtcontainers.deadline import Deadline
 from virtcontainers.devices import (
     BlockDrive,
     CpuDevice,
@@ -477,7 +478,7 @@ async def test_simulator_state_machine(tmp_path: Path) -> None:
     )
     api = ClhApi(tmp_path / "api.sock")
     try:
-        await api.wait_ready(time.monotonic() + 10)
+        await api.wait_ready(Deadline.after(10))
         replies: list[str] = []
 
         async def status(method: str, endpoint: str, body: dict[str, object] | None = None) -> int:
@@ -528,7 +529,7 @@ async def test_simulator_exits_on_sigterm(tmp_path: Path) -> None:
         str(write_wrapper(tmp_path / "sim")), "--api-socket", f"path={tmp_path / 'api.sock'}"
     )
     api = ClhApi(tmp_path / "api.sock")
-    await api.wait_ready(time.monotonic() + 10)
+    await api.wait_ready(Deadline.after(10))
     await api.aclose()
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 5) == 0

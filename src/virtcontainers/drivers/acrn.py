@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import json
 import logging
@@ -42,7 +41,6 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from virtcontainers.config import HypervisorConfig
 from virtcontainers.config.defaults import BlockDriver
 from virtcontainers.config.params import Param, serialize_params
 from virtcontainers.console import ConsoleWatcher
+from virtcontainers.deadline import Deadline
 from virtcontainers.devices import (
     AgentSocket,
     BlockDrive,
@@ -71,6 +70,7 @@ from virtcontainers.errors import (
     StoreError,
     UnsupportedError,
 )
+from virtcontainers.fsutil import atomic_write, flock, mkdir_private, open_private
 from virtcontainers.hypervisor import (
     Capabilities,
     Capability,
@@ -379,16 +379,12 @@ class UuidPool:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, _Claim]]:
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(
-                self.directory / ".acrn-uuids.lock",
-                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                0o600,
-            )
+            mkdir_private(self.directory)
+            fd = open_private(self.directory / ".acrn-uuids.lock")
         except OSError as exc:
             raise StoreError(f"cannot open the ACRN UUID pool: {exc}", path=str(self.path)) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            flock(fd)
             claims = self._read()
             before = {k: (v.sandbox_id, v.owner_pid, v.vmm_pid) for k, v in claims.items()}
             yield claims
@@ -421,14 +417,8 @@ class UuidPool:
                 for u, c in claims.items()
             },
         }
-        tmp = self.path.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(doc, indent=1).encode(), tmp_prefix=".acrn-uuids.")
         except OSError as exc:
             raise StoreError(
                 f"cannot write the ACRN UUID pool: {exc}", path=str(self.path)
@@ -752,7 +742,7 @@ class AcrnHypervisor(Hypervisor):
             HypervisorTimeout: the console did not come up within ``timeout`` seconds.
         """
         self._require("start", VmState.CREATED)
-        deadline = time.monotonic() + timeout
+        deadline = Deadline.after(timeout)
         built = build_argv(
             self._config,
             binary=self._config.boot.hypervisor_path,

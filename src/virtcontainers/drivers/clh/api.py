@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.errors import ApiError, HypervisorError, HypervisorTimeout
 
 __all__ = [
@@ -157,38 +157,42 @@ class ClhApi:
     # -- readiness ----------------------------------------------------------------------
 
     async def wait_ready(
-        self, deadline: float, *, abort: asyncio.Future[None] | None = None
+        self, deadline: Deadline, *, abort: asyncio.Future[None] | None = None
     ) -> Json:
-        """Ping until the VMM answers or the monotonic ``deadline`` passes.
+        """Ping until the VMM answers or ``deadline`` passes.
 
         ``abort`` (e.g. "the VMM exited") ends the wait early with that future's exception.
 
         Raises:
             HypervisorTimeout: no answer by the deadline.
         """
-        last: Exception | None = None
-        while True:
-            if abort is not None and abort.done():
-                abort.result()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HypervisorTimeout(
-                    f"vmm.ping on {self.socket_path} ({last!r})",
-                    PING_TIMEOUT,
-                    driver="clh",
-                    sandbox_id=self.sandbox_id,
-                )
-            if self.socket_path.exists():
-                try:
-                    info = await self.ping(timeout=min(remaining, PING_TIMEOUT))
-                except (HypervisorTimeout, ApiError):
-                    raise
-                except HypervisorError as exc:
-                    last = exc  # refused: the VMM has not started listening yet
-                else:
-                    self.answered = True
-                    return info
-            await asyncio.sleep(_PING_RETRY)
+        last: list[HypervisorError] = []
+
+        async def ping() -> Json | None:
+            if not self.socket_path.exists():
+                return None
+            try:
+                info = await self.ping(timeout=min(deadline.remaining(0.01), PING_TIMEOUT))
+            except (HypervisorTimeout, ApiError):
+                raise
+            except HypervisorError as exc:
+                last[:] = [exc]  # refused: the VMM has not started listening yet
+                return None
+            self.answered = True
+            return info
+
+        return await poll_until(
+            deadline,
+            ping,
+            abort=abort,
+            interval=_PING_RETRY,
+            on_timeout=lambda: HypervisorTimeout(
+                f"vmm.ping on {self.socket_path} ({last[0] if last else 'no socket'!r})",
+                deadline.seconds,
+                driver="clh",
+                sandbox_id=self.sandbox_id,
+            ),
+        )
 
     # -- endpoints ----------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import uuid as uuidlib
 from collections.abc import Awaitable
 from pathlib import Path
@@ -28,6 +27,7 @@ from virtcontainers import host
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.config.defaults import VSOCK_AGENT_PORT, BlockDriver, SharedFs
 from virtcontainers.console import ConsoleWatcher
+from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.devices import (
     AgentSocket,
     BlockDrive,
@@ -269,7 +269,7 @@ class CloudHypervisor(Hypervisor):
             ApiError: the VMM refused the VM config or the boot.
         """
         self._require("start", VmState.CREATED)
-        deadline = time.monotonic() + timeout
+        deadline = Deadline.after(timeout)
         for sock in self._paths.sockets():
             sock.unlink(missing_ok=True)
         self._argv = self.build_argv()
@@ -293,7 +293,9 @@ class CloudHypervisor(Hypervisor):
         exited = asyncio.ensure_future(self._exited_early())
         try:
             await self._api.wait_ready(deadline, abort=exited)
-            await self._launch_step(exited, self._api.create_vm(body, timeout=_left(deadline)))
+            await self._launch_step(
+                exited, self._api.create_vm(body, timeout=deadline.remaining(0.1))
+            )
             self._console = ConsoleWatcher(
                 self._paths.console,
                 self._paths.console_log,
@@ -304,7 +306,7 @@ class CloudHypervisor(Hypervisor):
             console = asyncio.ensure_future(self._console.connect(deadline, abort=exited))
             try:
                 await self._launch_step(
-                    exited, self._api.boot_vm(timeout=min(BOOT_TIMEOUT, _left(deadline)))
+                    exited, self._api.boot_vm(timeout=min(BOOT_TIMEOUT, deadline.remaining(0.1)))
                 )
                 await console
             finally:
@@ -312,7 +314,9 @@ class CloudHypervisor(Hypervisor):
                     console.cancel()
                     with contextlib.suppress(asyncio.CancelledError, HypervisorError):
                         await console
-            info = await self._launch_step(exited, self._api.vm_info(timeout=_left(deadline)))
+            info = await self._launch_step(
+                exited, self._api.vm_info(timeout=deadline.remaining(0.1))
+            )
             if info.get("state") != "Running":
                 raise self._error(f"VM state after boot is {info.get('state')!r}, not Running")
         except BaseException as exc:
@@ -371,7 +375,7 @@ class CloudHypervisor(Hypervisor):
         await self._process.wait(None)
         raise self._launch_error("cloud-hypervisor exited during start-up")
 
-    async def _start_virtiofsd(self, deadline: float) -> None:
+    async def _start_virtiofsd(self, deadline: Deadline) -> None:
         """One virtiofsd per shared directory, each on its own socket in the run dir."""
         shares = [d for d in self._cold if isinstance(d, FsShare)]
         sf = self._config.shared_fs
@@ -387,22 +391,37 @@ class CloudHypervisor(Hypervisor):
             ]
             proc = await VmmProcess.spawn(argv, log_path=self._paths.virtiofsd_log(index))
             self._virtiofsd.append(proc)
-            while not sock.exists():
-                if not proc.alive():
-                    await proc.wait(1.0)
-                    raise LaunchError(
-                        f"virtiofsd for {share.mount_tag} exited",
-                        exit_code=proc.returncode,
-                        argv=argv,
-                        log_tail=proc.log_tail(),
-                        driver="clh",
-                        sandbox_id=self.sandbox_id,
-                    )
-                if time.monotonic() >= deadline:
-                    raise HypervisorTimeout(
-                        f"virtiofsd socket {sock}", 0, driver="clh", sandbox_id=self.sandbox_id
-                    )
-                await asyncio.sleep(0.01)
+
+            await self._wait_virtiofsd(proc, sock, share.mount_tag, deadline)
+
+    async def _wait_virtiofsd(
+        self, proc: VmmProcess, sock: Path, tag: str, deadline: Deadline
+    ) -> None:
+        async def listening() -> bool | None:
+            if os.path.exists(sock):  # noqa: ASYNC240 (a stat in the run dir; never blocks)
+                return True
+            if not proc.alive():
+                await proc.wait(1.0)
+                raise LaunchError(
+                    f"virtiofsd for {tag} exited",
+                    exit_code=proc.returncode,
+                    argv=proc.argv,
+                    log_tail=proc.log_tail(),
+                    driver="clh",
+                    sandbox_id=self.sandbox_id,
+                )
+            return None
+
+        await poll_until(
+            deadline,
+            listening,
+            on_timeout=lambda: HypervisorTimeout(
+                f"virtiofsd socket {sock}",
+                deadline.seconds,
+                driver="clh",
+                sandbox_id=self.sandbox_id,
+            ),
+        )
 
     async def _abort_start(self) -> None:
         if self._process is not None:
@@ -803,7 +822,7 @@ class CloudHypervisor(Hypervisor):
         proc = self._process
         if proc is None or not process_matches(proc.pid, str(self._paths.api)):
             raise self._error("the VM's cloud-hypervisor process is gone")
-        await self._api.wait_ready(time.monotonic() + timeout)
+        await self._api.wait_ready(Deadline.after(timeout))
         info = await self._api.vm_info()
         states = {"Running": VmState.RUNNING, "Paused": VmState.PAUSED}
         state = states.get(str(info.get("state")))
@@ -847,11 +866,6 @@ def _make_dir(path: Path) -> Path:
     path = path.resolve()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
-
-
-def _left(deadline: float) -> float:
-    """Seconds until ``deadline`` (at least a little, so a late call still gets a reply)."""
-    return max(0.1, deadline - time.monotonic())
 
 
 def _check_boot_files(cfg: HypervisorConfig) -> None:

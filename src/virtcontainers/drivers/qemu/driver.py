@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import uuid as uuidlib
 from collections.abc import Awaitable
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TypeVar
 from virtcontainers import host
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.console import ConsoleWatcher
+from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.devices import (
     AgentSocket,
     BlockDrive,
@@ -201,7 +201,7 @@ class QemuHypervisor(ResizeByHotplug):
             HypervisorTimeout: QEMU did not become ready within ``timeout`` seconds.
         """
         self._require("start", VmState.CREATED)
-        deadline = time.monotonic() + timeout
+        deadline = Deadline.after(timeout)
         self._argv = build_argv(
             self._config,
             binary=self._config.boot.hypervisor_path,
@@ -251,7 +251,7 @@ class QemuHypervisor(ResizeByHotplug):
                 await exited
         self._set_state(VmState.RUNNING)
 
-    async def _incoming(self, qmp: Qmp, deadline: float) -> None:
+    async def _incoming(self, qmp: Qmp, deadline: Deadline) -> None:
         """Load a template's device state into this ``-incoming defer`` clone, then run it.
 
         The state file goes in as a read-only descriptor (``getfd`` + ``fd:`` URI): QEMU
@@ -277,7 +277,7 @@ class QemuHypervisor(ResizeByHotplug):
         finally:
             os.close(fd)
         await qmp.execute("migrate-incoming", {"uri": "fd:migin"})
-        await self._wait_migration(qmp, max(deadline - time.monotonic(), 1.0), "restoring")
+        await self._wait_migration(qmp, deadline.remaining(1.0), "restoring")
         await qmp.execute("cont")
 
     async def _exited_early(self) -> None:
@@ -384,16 +384,18 @@ class QemuHypervisor(ResizeByHotplug):
         await self._wait_migration(qmp)
 
     async def _wait_migration(self, qmp: Qmp, timeout: float = 120.0, what: str = "saving") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        async def completed() -> bool | None:
             info = as_dict(await qmp.execute("query-migrate"))
             status = info.get("status")
-            if status == "completed":
-                return
             if status in ("failed", "cancelled"):
                 raise self._error(f"{what} the VM state failed: {info}")
-            await asyncio.sleep(0.01)
-        raise HypervisorTimeout(f"{what} the VM state", timeout, driver="qemu")
+            return True if status == "completed" else None
+
+        await poll_until(
+            Deadline.after(timeout),
+            completed,
+            on_timeout=lambda: HypervisorTimeout(f"{what} the VM state", timeout, driver="qemu"),
+        )
 
     async def check(self) -> None:
         """Raises HypervisorError when QEMU is gone or the guest crashed."""
@@ -580,7 +582,7 @@ class QemuHypervisor(ResizeByHotplug):
         if proc is None or not process_matches(proc.pid, str(self._paths.qmp)):
             raise self._error("the VM's QEMU process is gone")
         self._qmp = Qmp(self._paths.qmp, sandbox_id=self.sandbox_id)
-        await self._qmp.connect(time.monotonic() + timeout)
+        await self._qmp.connect(Deadline.after(timeout))
         # Log the console from here on too. If the starting process still holds the console,
         # QEMU keeps this connection pending until that one closes: nothing is read twice.
         console = ConsoleWatcher(
@@ -589,7 +591,7 @@ class QemuHypervisor(ResizeByHotplug):
             logging.getLogger(f"virtcontainers.console.{self.sandbox_id}"),
         )
         with contextlib.suppress(HypervisorTimeout):
-            await console.connect(time.monotonic() + 1.0)
+            await console.connect(Deadline.after(1.0))
             self._console = console
         status = as_dict(await self._qmp.execute("query-status"))
         paused = status.get("status") == "paused"

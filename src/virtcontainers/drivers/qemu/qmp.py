@@ -7,14 +7,15 @@ error text (hidden QMP errors were a Kata complaint, kata-containers#5234).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
+from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.errors import ApiError, HypervisorError, HypervisorTimeout
 
 __all__ = ["Qmp", "as_dict", "as_list"]
@@ -49,32 +50,56 @@ class Qmp:
     def connected(self) -> bool:
         return self._client is not None
 
-    async def connect(self, deadline: float, *, abort: asyncio.Future[None] | None = None) -> None:
-        """Connect and negotiate capabilities, retrying until the monotonic ``deadline``.
+    async def connect(
+        self, deadline: Deadline, *, abort: asyncio.Future[None] | None = None
+    ) -> None:
+        """Connect and negotiate capabilities, retrying until ``deadline``.
+
+        QEMU serves one QMP client at a time: while another holds the socket, a new
+        connection is accepted but gets no greeting. That wait is bounded by the same
+        deadline (``qemu.qmp`` itself would wait forever).
 
         Raises:
-            HypervisorTimeout: QMP never answered.
+            HypervisorTimeout: QMP never answered, or no greeting came by the deadline
+                (named with the limit and the likely cause).
         """
-        while True:
+        last: list[BaseException] = []
+
+        async def attempt() -> QMPClient | None:
             client = QMPClient(f"qmp-{self.sandbox_id}")
+            # Poll for the socket first: qemu.qmp logs every refused attempt as an error.
+            if not self.path.exists():
+                last[:] = [FileNotFoundError(str(self.path))]
+                return None
             try:
-                # Poll for the socket first: qemu.qmp logs every refused attempt as an error.
-                if not self.path.exists():
-                    raise ConnectError("socket not created yet", FileNotFoundError())
-                await client.connect(str(self.path))
-                self._client = client
-                return
+                async with asyncio.timeout(deadline.remaining()):
+                    await client.connect(str(self.path))
             except ConnectError as exc:
-                if abort is not None and abort.done():
-                    abort.result()
-                if time.monotonic() >= deadline:
-                    raise HypervisorTimeout(
-                        f"connecting QMP at {self.path} ({exc})",
-                        0,
-                        driver="qemu",
-                        sandbox_id=self.sandbox_id,
-                    ) from exc
-                await asyncio.sleep(_CONNECT_RETRY)
+                last[:] = [exc]
+                return None
+            except TimeoutError as exc:
+                with contextlib.suppress(QMPError, OSError, EOFError):
+                    await client.disconnect()
+                raise HypervisorTimeout(
+                    f"the QMP greeting on {self.path} (is another client connected?)",
+                    deadline.seconds,
+                    driver="qemu",
+                    sandbox_id=self.sandbox_id,
+                ) from exc
+            return client
+
+        self._client = await poll_until(
+            deadline,
+            attempt,
+            abort=abort,
+            interval=_CONNECT_RETRY,
+            on_timeout=lambda: HypervisorTimeout(
+                f"connecting QMP at {self.path} ({last[0] if last else 'no attempt'})",
+                deadline.seconds,
+                driver="qemu",
+                sandbox_id=self.sandbox_id,
+            ),
+        )
 
     async def execute(
         self, cmd: str, args: Mapping[str, object] | None = None, *, timeout: float = 30.0
