@@ -2,7 +2,9 @@
 
 Mirrors the reference's ``hypervisor`` interface method for method (snake_case, async
 where it waits). Optional features are declared in :meth:`Hypervisor.capabilities`;
-calling one a driver lacks raises :class:`~virtcontainers.errors.UnsupportedError`.
+calling one a driver lacks raises :class:`~virtcontainers.errors.UnsupportedError`: the
+optional operations (pause/resume, save, hot-plug, resize, the VM-cache serialization,
+reattach) have that as their default here, so a driver implements only what it has.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import ClassVar, Protocol, TypeVar
 
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import AgentSocket, ColdPlugDevice, HotplugDevice, MemoryDevice
-from virtcontainers.errors import ConfigError, StateError
+from virtcontainers.errors import ConfigError, StateError, UnsupportedError
 from virtcontainers.persist.hypervisor_state import HypervisorState
 
 __all__ = [
@@ -185,17 +187,18 @@ class Hypervisor(abc.ABC):
         """Stop the VM and clean up. With ``wait_only`` the guest is powering itself off:
         wait (bounded) for the VMM to exit instead of ending it. Idempotent."""
 
-    @abc.abstractmethod
     async def pause_sandbox(self) -> None:
-        """Freeze the vCPUs."""
+        """Freeze the vCPUs. Optional (``Capability.PAUSE``): UnsupportedError by default."""
+        raise self._unsupported_op("pause")
 
-    @abc.abstractmethod
     async def resume_sandbox(self) -> None:
-        """Unfreeze the vCPUs."""
+        """Unfreeze the vCPUs. Optional (``Capability.PAUSE``)."""
+        raise self._unsupported_op("resume")
 
-    @abc.abstractmethod
     async def save_sandbox(self) -> None:
-        """Save the device state to ``template.devices_state_path`` (for VM templating)."""
+        """Save the device state to ``template.devices_state_path`` (for VM templating).
+        Optional (``Capability.SAVE``)."""
+        raise self._unsupported_op("saving the VM state (VM templating)")
 
     @abc.abstractmethod
     async def check(self) -> None:
@@ -219,27 +222,33 @@ class Hypervisor(abc.ABC):
     async def add_device(self, device: ColdPlugDevice) -> None:
         """Cold-plug ``device``: allowed only before start."""
 
-    @abc.abstractmethod
     async def hotplug_add_device(self, device: D) -> D:
         """Plug ``device`` into the running VM.
 
         Returns the same object, updated with what the driver did: PCI path, slot, and for
-        CPU/memory the amount really added (vCPU growth is capped at max vCPUs).
+        CPU/memory the amount really added (vCPU growth is capped at max vCPUs). Optional
+        (the ``*_HOTPLUG`` capabilities): UnsupportedError by default.
         """
+        self._require("hot-plug a device", VmState.RUNNING)
+        raise self._unsupported_op(f"hot-plug of {type(device).__name__}")
 
-    @abc.abstractmethod
     async def hotplug_remove_device(self, device: D) -> D:
-        """Unplug ``device`` from the running VM; returns the same object, updated."""
+        """Unplug ``device`` from the running VM; returns the same object, updated.
+        Optional: UnsupportedError by default."""
+        self._require("hot-unplug a device", VmState.RUNNING)
+        raise self._unsupported_op(f"hot-unplug of {type(device).__name__}")
 
-    @abc.abstractmethod
     async def resize_memory(
         self, mem_mb: int, memory_block_size_mb: int, probe: bool
     ) -> tuple[int, MemoryDevice]:
-        """Grow the VM to ``mem_mb`` MiB in blocks; returns (new size MiB, the added DIMM)."""
+        """Grow the VM to ``mem_mb`` MiB in blocks; returns (new size MiB, the added DIMM).
+        Optional (``Capability.MEMORY_HOTPLUG``): UnsupportedError by default."""
+        raise self._unsupported_op(f"memory resize to {mem_mb} MiB")
 
-    @abc.abstractmethod
     async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
-        """Hot-add or remove vCPUs until there are ``vcpus``; returns (old, new) counts."""
+        """Hot-add or remove vCPUs until there are ``vcpus``; returns (old, new) counts.
+        Optional (``Capability.CPU_HOTPLUG``): UnsupportedError by default."""
+        raise self._unsupported_op(f"vCPU resize to {vcpus}")
 
     @abc.abstractmethod
     async def generate_socket(self, id: str) -> AgentSocket:
@@ -253,21 +262,33 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def hypervisor_config(self) -> HypervisorConfig: ...
 
-    @abc.abstractmethod
     async def get_thread_ids(self) -> dict[int, int]:
-        """vCPU index -> host thread id."""
+        """vCPU index -> host thread id ({} when the VMM has no host thread per vCPU)."""
+        self._require("get thread ids", VmState.RUNNING, VmState.PAUSED)
+        return {}
 
     @abc.abstractmethod
     def get_pids(self) -> list[int]:
         """Host pids of the VM's processes, the VMM first; empty when not running."""
 
-    @abc.abstractmethod
     async def to_grpc(self) -> bytes:
-        """Serialize this running VM so another process can adopt it (VM cache)."""
+        """Serialize this running VM so another process can adopt it (VM cache).
+        Optional: UnsupportedError by default."""
+        raise self._unsupported_op("serializing the VM for a VM cache")
 
-    @abc.abstractmethod
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
-        """Adopt a running VM serialized by :meth:`to_grpc`."""
+        """Adopt a running VM serialized by :meth:`to_grpc`. Optional."""
+        raise self._unsupported_op("adopting a VM from a VM cache")
+
+    async def reattach(self, state: HypervisorState, config: HypervisorConfig) -> None:
+        """Take over a VM another process started on this host, from what that process
+        persisted (:meth:`save`) and the sandbox's config. Afterwards the VM is RUNNING or
+        PAUSED here and every operation works as in the starting process.
+
+        Raises:
+            HypervisorError: the VMM is gone; UnsupportedError: the driver cannot adopt.
+        """
+        raise self._unsupported_op("adopting a VM started by another process")
 
     @abc.abstractmethod
     def save(self) -> HypervisorState: ...
@@ -281,6 +302,9 @@ class Hypervisor(abc.ABC):
 
     def set_sandbox(self, sandbox: SandboxContext) -> None:
         self._sandbox = sandbox
+
+    def _unsupported_op(self, operation: str) -> UnsupportedError:
+        return UnsupportedError(operation, driver=self.driver.value, sandbox_id=self.sandbox_id)
 
 
 # -- registry ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import select
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from virtcontainers.errors import HypervisorTimeout
 
-__all__ = ["VmmProcess", "process_matches"]
+__all__ = ["VmmProcess", "process_matches", "vcpu_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,25 @@ class VmmProcess:
         except OSError:
             return ""
         return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def vcpu_threads(pid: int, comm: re.Pattern[str]) -> dict[int, int]:
+    """vCPU index -> thread id of ``pid``'s threads whose name (``/proc/<pid>/task/*/comm``)
+    fully matches ``comm``, whose group 1 is the index (``vcpu0``, ``fc_vcpu 1``...)."""
+    out: dict[int, int] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # the thread exited meanwhile
+        match = comm.fullmatch(name)
+        if match:
+            out[int(match.group(1))] = int(task.name)
+    return dict(sorted(out.items()))
 
 
 def process_matches(pid: int, needle: str) -> bool:

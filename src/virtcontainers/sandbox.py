@@ -38,7 +38,6 @@ from virtcontainers.devices import (
     SerialPort,
     VSock,
 )
-from virtcontainers.drivers._grpc import encode_vm
 from virtcontainers.errors import AgentError, HypervisorError, StateError, StoreError
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
@@ -414,8 +413,7 @@ class Sandbox:
             raise StateError("control the VM", self._doc.state, ["running", "paused"])
         hv = _new_hypervisor(self._doc.hypervisor_type)
         hv.set_sandbox(_Context(self.id, self.run_dir))
-        blob = encode_vm(self._doc.hypervisor, VmState(self._doc.state))
-        await hv.from_grpc(self.config, blob)
+        await hv.reattach(self._doc.hypervisor, self.config)
         self._hv = hv
         return hv
 

@@ -45,6 +45,7 @@ from virtcontainers.drivers.acrn import (
     build_argv,
     kernel_parameters,
 )
+from virtcontainers.drivers.acrn import uuids as acrn_uuids
 from virtcontainers.errors import (
     ApiError,
     ConfigError,
@@ -268,10 +269,10 @@ def test_uuid_pool_scan_finds_a_live_process_by_its_argv() -> None:
     )
     try:
         deadline = time.monotonic() + 5
-        while ACRN_UUIDS[7] not in acrn._running_pool_uuids():
+        while ACRN_UUIDS[7] not in acrn_uuids._running_pool_uuids():
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert acrn._running_pool_uuids()[ACRN_UUIDS[7]] == proc.pid
+        assert acrn_uuids._running_pool_uuids()[ACRN_UUIDS[7]] == proc.pid
     finally:
         proc.kill()
         proc.wait()
@@ -880,10 +881,12 @@ async def test_save_load_and_reattach_from_another_driver(
     assert state.pid == running.get_pids()[0]
     assert state.run_dir == str(running.paths.run_dir)
     assert HypervisorState.from_dict(state.to_dict()) == state
+    loaded = _new(pool_dir)
+    loaded.load(state)
+    assert loaded.save() == state
     other = _new(pool_dir)
-    other.load(state)
+    await other.reattach(state, running.hypervisor_config())
     assert other.save() == state
-    await other.reattach()
     assert other.state is VmState.RUNNING
     await other.check()
     await other.stop_sandbox()
@@ -898,6 +901,37 @@ async def test_load_refuses_another_driver_and_reattach_needs_the_process(
     with pytest.raises(StateError):
         _new(pool_dir).load(HypervisorState(type="qemu"))
     hv = _new(pool_dir)
-    hv.load(HypervisorState(type="acrn", uuid=U0, pid=os.getpid(), sandbox_id="x", run_dir="/r"))
+    mine = HypervisorState(type="acrn", uuid=U0, pid=os.getpid(), sandbox_id="x", run_dir="/r")
     with pytest.raises(HypervisorError, match="gone"):
-        await hv.reattach()  # our pid is alive but it is not an acrn-dm with that UUID
+        await hv.reattach(mine, _cfg())  # our pid is alive but it is not an acrn-dm with U0
+
+
+async def test_stop_from_another_process_ends_acrn_dm(
+    tmp_path: Path, cfg: HypervisorConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vc stop`` in a new process: the Sandbox there adopts the running acrn-dm and stops
+    it (it used to fail to adopt, record the sandbox stopped and leave acrn-dm running)."""
+    from virtcontainers.persist import store as store_module
+    from virtcontainers.persist.store import StateStore
+    from virtcontainers.sandbox import Sandbox
+
+    root = tmp_path / "vc-root"
+    # The UUID pool lives in the store root; keep it private to this test.
+    monkeypatch.setattr(store_module, "default_root", lambda: root)
+
+    async def no_agent(self: Sandbox, deadline: float, timeout: float) -> None:
+        return None  # the fake acrn-dm runs no guest agent
+
+    monkeypatch.setattr(Sandbox, "_wait_for_agent", no_agent)
+    starter = await Sandbox.create(cfg, id="acrn-x", hypervisor="acrn", store=StateStore(root))
+    await starter.start(timeout=10, detach=True)
+    pid = starter.hypervisor.get_pids()[0]
+    try:
+        other = await Sandbox.attach("acrn-x", store=StateStore(root))  # "another process"
+        await other.stop(wait_only=False)
+        assert not Path(f"/proc/{pid}").exists(), "acrn-dm survived vc stop"
+        assert other.info().state == "stopped"
+        assert UuidPool(root, scan=_no_scan).in_use() == {}
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)

@@ -5,6 +5,11 @@ reference point of the shared behavioural suite: every rule a real driver enforc
 guards, vCPU caps, memory slots and host limits, which devices can be removed — it enforces
 too, so a test that passes on the mock means something. ``crash()`` simulates the VMM dying.
 Pids and thread ids are synthetic (the VM has no process) and say so in :meth:`get_pids`.
+
+Inside a sandbox the mock's "VMM" is a small file in the run dir (``mock-vmm.json``: the
+run state while the VM runs or is paused, removed when it stops or crashes), so another
+process can :meth:`~MockHypervisor.reattach` to it exactly as to a real VMM, and finds it
+gone after a crash.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ __all__ = ["MockHypervisor"]
 _FAKE_PID_BASE = 4_000_000
 #: PCI slots per bridge usable for hot-plug (slot 0 is the bridge itself).
 _BRIDGE_SLOTS = 30
+#: The "VMM" another process reattaches to (see the module docstring).
+VMM_FILE = "mock-vmm.json"
 
 
 @dataclass
@@ -79,6 +86,16 @@ class MockHypervisor(ResizeByHotplug):
         self._run_dir = Path()
 
     # -- lifecycle ----------------------------------------------------------------------
+
+    def _set_state(self, new: VmState) -> None:
+        super()._set_state(new)
+        if self._run_dir == Path() or not self._run_dir.is_dir():
+            return
+        vmm = self._run_dir / VMM_FILE
+        if new in (VmState.RUNNING, VmState.PAUSED):
+            vmm.write_text(json.dumps({"state": new.value, "pid": self._vm.pid}))
+        elif new in (VmState.STOPPED, VmState.FAILED):
+            vmm.unlink(missing_ok=True)
 
     async def create_sandbox(
         self, id: str, network_ns: NetworkNamespace, config: HypervisorConfig
@@ -290,6 +307,24 @@ class MockHypervisor(ResizeByHotplug):
         self._config = cfg
         self.load(vm.state)
         self._set_state(vm.vm_state)
+
+    async def reattach(self, state: HypervisorState, config: HypervisorConfig) -> None:
+        """Adopt the mock VM of another process from its ``mock-vmm.json``.
+
+        Raises:
+            HypervisorError: the VM is not running (stopped, or its "VMM" crashed).
+        """
+        self._require("adopt a VM", VmState.NEW)
+        cfg = config.copy()
+        cfg.valid()
+        self._config = cfg
+        self.load(state)
+        try:
+            vmm = json.loads((self._run_dir / VMM_FILE).read_text())
+            run_state = VmState(vmm["state"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise self._error("the VM's mock VMM is gone") from None
+        self._set_state(run_state)
 
     def save(self) -> HypervisorState:
         return HypervisorState(

@@ -20,6 +20,7 @@ from virtcontainers.devices import (
     VfioDevice,
     VhostUserDevice,
 )
+from virtcontainers.drivers._vmm import InRunDir, RunPaths
 from virtcontainers.drivers.clh.api import Json
 from virtcontainers.errors import HypervisorError
 
@@ -63,30 +64,12 @@ _KERNEL_PARAMS = (
 
 
 @dataclass(frozen=True)
-class ClhPaths:
+class ClhPaths(RunPaths):
     """Where one VM's host-side files live (all inside its 0700 run dir)."""
 
-    run_dir: Path
-
-    @property
-    def api(self) -> Path:
-        return self.run_dir / "clh-api.sock"
-
-    @property
-    def vsock(self) -> Path:
-        return self.run_dir / "clh-vsock.sock"
-
-    @property
-    def console(self) -> Path:
-        return self.run_dir / "console.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.run_dir / "console.log"
-
-    @property
-    def vmm_log(self) -> Path:
-        return self.run_dir / "clh.log"
+    api = InRunDir("clh-api.sock")
+    vsock = InRunDir("clh-vsock.sock")
+    vmm_log = InRunDir("clh.log")
 
     def virtiofsd_socket(self, index: int) -> Path:
         return self.run_dir / f"virtiofsd-{index}.sock"
@@ -94,14 +77,20 @@ class ClhPaths:
     def virtiofsd_log(self, index: int) -> Path:
         return self.run_dir / f"virtiofsd-{index}.log"
 
-    def sockets(self) -> list[Path]:
+    def sockets(self) -> tuple[Path, ...]:
         """Every socket the VMM or the driver may leave behind (the vsock's ``<path>_<port>``
         listeners for guest-initiated connections included)."""
         found = [self.api, self.vsock, self.console]
-        if self.run_dir != Path() and self.run_dir.is_dir():
+        if not self.unset and self.run_dir.is_dir():
             found += sorted(self.run_dir.glob("clh-vsock.sock_*"))
             found += sorted(self.run_dir.glob("virtiofsd-*.sock"))
-        return found
+        return tuple(found)
+
+    def logs(self) -> tuple[Path, ...]:
+        found = [self.console_log, self.vmm_log]
+        if not self.unset and self.run_dir.is_dir():
+            found += sorted(self.run_dir.glob("virtiofsd-*.log"))
+        return tuple(found)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from virtcontainers.config.defaults import (
     VIRTIO_BLK_KERNEL_ROOT_PARAMS,
     BlockDriver,
 )
+from virtcontainers.drivers._vmm import InRunDir, RunPaths
 from virtcontainers.errors import ConfigError
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "QemuPaths",
     "build_argv",
     "kernel_params",
+    "machine_type",
+    "opt",
 ]
 
 MACHINE_TYPES = ("q35", "pc", "microvm")
@@ -66,48 +69,55 @@ _KERNEL_PARAMS = (
 
 
 @dataclass(frozen=True)
-class QemuPaths:
+class QemuPaths(RunPaths):
     """Where one VM's host-side files live (all inside its 0700 run dir)."""
 
-    run_dir: Path
-
-    @property
-    def qmp(self) -> Path:
-        return self.run_dir / "qmp.sock"
-
-    @property
-    def console(self) -> Path:
-        return self.run_dir / "console.sock"
-
-    @property
-    def agent(self) -> Path:
-        return self.run_dir / "agent.sock"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.run_dir / "qemu.pid"
-
-    @property
-    def console_log(self) -> Path:
-        return self.run_dir / "console.log"
-
-    @property
-    def vmm_log(self) -> Path:
-        return self.run_dir / "qemu.log"
+    qmp = InRunDir("qmp.sock")
+    agent = InRunDir("agent.sock")
+    pidfile = InRunDir("qemu.pid")
+    vmm_log = InRunDir("qemu.log")
 
     def sockets(self) -> tuple[Path, ...]:
         return (self.qmp, self.console, self.agent)
 
 
-def kernel_params(cfg: HypervisorConfig, console: str, root_on_nvdimm: bool) -> list[str]:
-    """The guest kernel command line: reference defaults, root, console, debug, user params."""
+def kernel_params(
+    cfg: HypervisorConfig, console: str, root_on_nvdimm: bool, *, agent_vsock: bool = False
+) -> list[str]:
+    """The guest kernel command line: reference defaults, root, console, debug, the agent's
+    transport (``vc.agent=vsock`` with a vhost-vsock device; the virtio-serial port is the
+    agent's default), user params last."""
     params = list(_KERNEL_PARAMS)
     if cfg.image_asset_path() and not cfg.initrd_asset_path():
         params += NVDIMM_KERNEL_ROOT_PARAMS if root_on_nvdimm else VIRTIO_BLK_KERNEL_ROOT_PARAMS
     params.append(Param("console", console))
     params += [Param("debug")] if cfg.debugging.debug else [Param("quiet")]
+    if agent_vsock:
+        params.append(Param("vc.agent", "vsock"))
     params += cfg.boot.kernel_params
     return serialize_params(params, "=")
+
+
+def opt(value: object) -> str:
+    """``value`` for a comma-separated QEMU option (``-drive file=…``, ``-chardev path=…``).
+
+    QEMU's option parser ends a value at a comma unless it is doubled, so a path such as
+    ``/tmp/a,readonly=off`` would otherwise add an option of its own. Every value we put
+    into such a list goes through here.
+    """
+    return str(value).replace(",", ",,")
+
+
+def machine_type(cfg: HypervisorConfig) -> str:
+    """The configured machine type (q35 by default). Raises ConfigError for an unknown one."""
+    machine = cfg.boot.hypervisor_machine_type or "q35"
+    if machine not in MACHINE_TYPES:
+        raise ConfigError(
+            f"unknown machine type {machine!r}",
+            field="boot.hypervisor_machine_type",
+            allowed=MACHINE_TYPES,
+        )
+    return machine
 
 
 def build_argv(
@@ -119,20 +129,19 @@ def build_argv(
     paths: QemuPaths,
     accel: str,
     host_memory_mb: int,
+    vsock: tuple[int, int] | None = None,
 ) -> list[str]:
     """The full argv for a validated ``cfg``.
+
+    ``vsock`` is ``(guest CID, vhost fd)``: the agent's channel is then a vhost-vsock device
+    on that descriptor (see :mod:`~virtcontainers.drivers.qemu.vsock`) and the guest is told
+    ``vc.agent=vsock``; without it the agent uses the virtio-serial port.
 
     Raises:
         ConfigError: unknown machine type, or an unsupported combination (e.g. a rootfs image
             on microvm with nvdimm).
     """
-    machine = cfg.boot.hypervisor_machine_type or "q35"
-    if machine not in MACHINE_TYPES:
-        raise ConfigError(
-            f"unknown machine type {machine!r}",
-            field="boot.hypervisor_machine_type",
-            allowed=MACHINE_TYPES,
-        )
+    machine = machine_type(cfg)
     r = cfg.resources
     pci = machine in PCI_MACHINES
     image = cfg.image_asset_path()
@@ -178,7 +187,7 @@ def build_argv(
 
     argv = [
         binary,
-        "-name", f"sandbox-{sandbox_id}",
+        "-name", f"sandbox-{opt(sandbox_id)}",
         "-uuid", uuid,
         "-machine", ",".join(machine_opts),
         "-cpu", cpu,
@@ -187,10 +196,10 @@ def build_argv(
         f"maxcpus={r.default_max_vcpus}",
         # Console first: wait=on keeps the guest from running until the watcher is connected,
         # so not a byte of the boot log is dropped.
-        "-chardev", f"socket,id=console,path={paths.console},server=on,wait=on",
-        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-chardev", f"socket,id=console,path={opt(paths.console)},server=on,wait=on",
+        "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={opt(paths.agent)},server=on,wait=off",
         "-pidfile", str(paths.pidfile),
         "-no-reboot",
         "-nodefaults",
@@ -208,6 +217,9 @@ def build_argv(
         "-device",
         f"virtserialport,bus=vcserial.0,chardev=agent,name={AGENT_PORT_NAME},id=agent0",
     ]
+    if vsock is not None:
+        cid, vhostfd = vsock
+        argv += ["-device", f"vhost-vsock-{virtio},id=vsock0,guest-cid={cid},vhostfd={vhostfd}"]
     if pci:
         bus = "pcie.0" if machine == "q35" else "pci.0"
         for i in range(cfg.devices.default_bridges):
@@ -220,14 +232,14 @@ def build_argv(
             ]
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
         rng = cfg.boot.entropy_source or "/dev/urandom"
-        argv += ["-object", f"rng-random,id=rng0,filename={rng}"]
+        argv += ["-object", f"rng-random,id=rng0,filename={opt(rng)}"]
         argv += ["-device", "virtio-rng-pci,rng=rng0"]
     if templating:
         share = "on" if tpl.boot_to_be_template else "off"
         argv += [
             "-object",
             f"memory-backend-file,id={TEMPLATE_RAM_ID},size={r.memory_size}M,"
-            f"mem-path={tpl.memory_path},share={share}",
+            f"mem-path={opt(tpl.memory_path)},share={share}",
         ]
     if tpl.boot_from_template:
         # Wait for ``migrate-incoming`` (the device state) instead of booting.
@@ -243,15 +255,16 @@ def build_argv(
     elif use_nvdimm:
         argv += [
             "-object",
-            f"memory-backend-file,id=mem0,mem-path={image},size={_image_mib(image)}M,readonly=on",
+            f"memory-backend-file,id=mem0,mem-path={opt(image)},size={_image_mib(image)}M,readonly=on",
             "-device", "nvdimm,id=nv0,memdev=mem0,unarmed=on",
         ]  # fmt: skip
     else:
         argv += [
-            "-drive", f"id=image,file={image},format=raw,if=none,readonly=on",
+            "-drive", f"id=image,file={opt(image)},format=raw,if=none,readonly=on",
             "-device", f"virtio-blk-{virtio},drive=image",
         ]  # fmt: skip
-    argv += ["-append", " ".join(kernel_params(cfg, console, use_nvdimm))]
+    params = kernel_params(cfg, console, use_nvdimm, agent_vsock=vsock is not None)
+    argv += ["-append", " ".join(params)]
     argv += serialize_params(cfg.boot.hypervisor_params, "")
     return argv
 

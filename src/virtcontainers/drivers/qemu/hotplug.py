@@ -33,7 +33,7 @@ from virtcontainers.devices import (
     VSock,
 )
 from virtcontainers.drivers._resize import cpu_add_amount
-from virtcontainers.drivers.qemu.argv import BRIDGE_SLOTS, DEFAULT_MEM_SLOTS
+from virtcontainers.drivers.qemu.argv import BRIDGE_SLOTS, DEFAULT_MEM_SLOTS, opt
 from virtcontainers.drivers.qemu.qmp import Qmp, as_dict, as_list
 from virtcontainers.errors import HypervisorError, HypervisorTimeout, UnsupportedError
 from virtcontainers.persist.hypervisor_state import Bridge, HypervisorState
@@ -95,53 +95,56 @@ class HotplugState:
 
 
 def cold_plug_argv(devices: list[ColdPlugDevice], machine: str) -> list[str]:
-    """Command-line arguments for devices added before start."""
+    """Command-line arguments for devices added before start. Every value is escaped for
+    QEMU's comma-separated options (:func:`~virtcontainers.drivers.qemu.argv.opt`)."""
     virtio = "device" if machine == "microvm" else "pci"
     argv: list[str] = []
     for dev in devices:
         match dev:
             case BlockDrive():
                 ro = ",readonly=on" if dev.read_only else ""
+                i, file, fmt = opt(dev.id), opt(dev.file), opt(dev.format)
                 argv += [
-                    "-drive", f"id=drive-{dev.id},file={dev.file},format={dev.format},if=none{ro}",
-                    "-device", f"virtio-blk-{virtio},drive=drive-{dev.id},id={dev.id}",
+                    "-drive", f"id=drive-{i},file={file},format={fmt},if=none{ro}",
+                    "-device", f"virtio-blk-{virtio},drive=drive-{i},id={i}",
                 ]  # fmt: skip
             case ImageDevice():
                 argv += [
-                    "-drive", f"id=image-extra,file={dev.path},format=raw,if=none,readonly=on",
+                    "-drive", f"id=image-extra,file={opt(dev.path)},format=raw,if=none,readonly=on",
                     "-device", f"virtio-blk-{virtio},drive=image-extra",
                 ]  # fmt: skip
             case FsShare():
                 ro = ",readonly=on" if dev.read_only else ""
-                tag = dev.mount_tag
+                tag, path = opt(dev.mount_tag), opt(dev.host_path)
                 argv += [
                     "-fsdev",
-                    f"local,id=fs-{tag},path={dev.host_path},security_model=none,multidevs=remap{ro}",
+                    f"local,id=fs-{tag},path={path},security_model=none,multidevs=remap{ro}",
                     "-device", f"virtio-9p-{virtio},fsdev=fs-{tag},mount_tag={tag}",
                 ]  # fmt: skip
             case NetDevice():
-                nd = f"netdev-{dev.id}"
+                i, tap, mac = opt(dev.id), opt(dev.tap_name), opt(dev.mac)
                 argv += [
-                    "-netdev", f"tap,id={nd},ifname={dev.tap_name},script=no,downscript=no",
-                    "-device", f"virtio-net-{virtio},netdev={nd},mac={dev.mac},id={dev.id}",
+                    "-netdev", f"tap,id=netdev-{i},ifname={tap},script=no,downscript=no",
+                    "-device", f"virtio-net-{virtio},netdev=netdev-{i},mac={mac},id={i}",
                 ]  # fmt: skip
             case SerialPort():
-                ch = f"char-{dev.id}"
+                i, path, name = opt(dev.id), opt(dev.host_path), opt(dev.name)
                 argv += [
-                    "-chardev", f"socket,id={ch},path={dev.host_path},server=on,wait=off",
-                    "-device", f"virtserialport,bus=vcserial.0,chardev={ch},name={dev.name}",
+                    "-chardev", f"socket,id=char-{i},path={path},server=on,wait=off",
+                    "-device", f"virtserialport,bus=vcserial.0,chardev=char-{i},name={name}",
                 ]  # fmt: skip
             case VSock():
                 argv += ["-device", f"vhost-vsock-{virtio},guest-cid={dev.context_id}"]
             case VfioDevice():
                 argv += [
                     "-device",
-                    f"vfio-pci,host={dev.bdf}" + (f",id={dev.id}" if dev.id else ""),
+                    f"vfio-pci,host={opt(dev.bdf)}" + (f",id={opt(dev.id)}" if dev.id else ""),
                 ]
             case VhostUserDevice():
+                i = opt(dev.id)
                 argv += [
-                    "-chardev", f"socket,id=char-{dev.id},path={dev.socket_path}",
-                    "-device", f"{dev.type.value},chardev=char-{dev.id},id={dev.id}",
+                    "-chardev", f"socket,id=char-{i},path={opt(dev.socket_path)}",
+                    "-device", f"{dev.type.value},chardev=char-{i},id={i}",
                 ]  # fmt: skip
             case HybridVSock():
                 raise UnsupportedError("hybrid vsock (use vhost-vsock)", driver="qemu")
