@@ -145,8 +145,9 @@ async def test_crash_is_detected(real_config: HypervisorConfig) -> None:
     await hv.create_sandbox("fc-crash", NetworkNamespace(), real_config)
     await hv.start_sandbox(timeout=30)
     os.kill(hv.get_pids()[0], signal.SIGKILL)
-    with pytest.raises(HypervisorError):
+    with pytest.raises(HypervisorError, match="not running") as exc:
         await hv.check()
+    assert type(exc.value) is HypervisorError
     await hv.stop_sandbox()
     assert hv.get_pids() == []
     await hv.cleanup()

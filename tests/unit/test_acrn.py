@@ -583,8 +583,9 @@ async def test_crash_is_detected_and_stop_cleans_up(
     if not any(os.path.exists(p) for p in acrn.ACRN_DEVICE_NODES):
         assert "not an ACRN service VM" in str(exc.value)
     assert running.state is VmState.FAILED
-    with pytest.raises(HypervisorError):
+    with pytest.raises(HypervisorError) as again:
         await running.check()
+    assert type(again.value) is HypervisorError  # "the VM has failed", not a state error
     await running.stop_sandbox()
     assert running.state is VmState.STOPPED
     _assert_gone(pid, running, pool_dir)
@@ -679,6 +680,7 @@ async def test_check_message_without_hint_on_an_acrn_host(
     os.kill(running.get_pids()[0], signal.SIGKILL)
     with pytest.raises(HypervisorError) as exc:
         await running.check()
+    assert type(exc.value) is HypervisorError
     assert "service VM" not in str(exc.value)
 
 

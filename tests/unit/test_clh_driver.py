@@ -32,6 +32,7 @@ from virtcontainers.devices import (
     NetDevice,
     VfioDevice,
 )
+from virtcontainers.drivers._rest import ApiUnreachable
 from virtcontainers.drivers.clh import CloudHypervisor
 from virtcontainers.drivers.clh.api import ClhApi
 from virtcontainers.errors import (
@@ -100,7 +101,7 @@ async def test_error_reply_becomes_api_error_with_status_request_and_body(
 
 async def test_connection_error_becomes_hypervisor_error(tmp_path: Path) -> None:
     api = ClhApi(tmp_path / "nothing.sock", sandbox_id="x")
-    with pytest.raises(HypervisorError, match=r"GET /api/v1/vmm.ping failed") as exc:
+    with pytest.raises(ApiUnreachable, match=r"GET /api/v1/vmm.ping: cannot connect") as exc:
         await api.ping()
     assert not isinstance(exc.value, ApiError | HypervisorTimeout)
     await api.aclose()
@@ -197,8 +198,9 @@ async def test_crash_mid_run_then_stop_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(HypervisorError, match=r"not running|exited"):
         await hv.check()
     assert hv.state is VmState.FAILED
-    with pytest.raises(HypervisorError):
+    with pytest.raises(HypervisorError, match="has failed") as again:
         await hv.check()
+    assert type(again.value) is HypervisorError
     await hv.stop_sandbox()
     assert hv.state is VmState.STOPPED
     assert not alive(pid)

@@ -32,6 +32,7 @@ from virtcontainers.devices import (
     NetDevice,
     VSock,
 )
+from virtcontainers.drivers._rest import ApiUnreachable
 from virtcontainers.drivers.firecracker import FirecrackerHypervisor
 from virtcontainers.drivers.firecracker import driver as fc_driver
 from virtcontainers.drivers.firecracker.driver import (
@@ -403,7 +404,7 @@ async def test_api_connection_errors_are_hypervisor_errors(
 ) -> None:
     running.paths.api_socket.unlink()  # nobody can reach the API any more
     await running.disconnect()
-    with pytest.raises(HypervisorError, match="cannot connect"):
+    with pytest.raises(ApiUnreachable, match="cannot connect"):
         await running.pause_sandbox()
     assert running.state is VmState.RUNNING
 

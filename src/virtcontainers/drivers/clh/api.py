@@ -1,17 +1,6 @@
-"""The Cloud Hypervisor REST API over its unix socket (httpx), and the one place where
-transport and HTTP failures become virtcontainers errors.
-
-Translation (every call goes through :meth:`ClhApi.request`):
-
-=============================  =========================================================
-httpx / HTTP outcome           raised
-=============================  =========================================================
-timeout (connect/read/write)   ``HypervisorTimeout("PUT /api/v1/vm.x", seconds)``
-connection refused / reset     ``HypervisorError`` naming the request
-status >= 300                  ``ApiError(status, request "PUT /api/v1/vm.x", reply body)``
-reply that is not the JSON     ``HypervisorError``
-the spec promises
-=============================  =========================================================
+"""The Cloud Hypervisor REST API over its unix socket, on the shared client of
+``drivers/_rest.py`` (its table says which error each httpx or HTTP outcome becomes;
+every call goes through :meth:`ClhApi.request`).
 
 Timeouts follow the reference (1 s per request, 5 s for hot-plug, 10 s for ping and boot)
 with one change, for kata-containers#6240: the short per-request timeout only applies
@@ -22,15 +11,15 @@ request gets the long timeout, so a slow start is not mistaken for a dead API.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
 from virtcontainers.deadline import Deadline, poll_until
+from virtcontainers.drivers._rest import RestClient
 from virtcontainers.errors import ApiError, HypervisorError, HypervisorTimeout
 
 __all__ = [
@@ -60,12 +49,15 @@ _BASE_PATH = "/api/v1"
 #: A JSON document as the API exchanges it.
 Json = dict[str, Any]
 #: httpx event hooks ("request" / "response"): the contract tests record traffic with them.
-EventHooks = Mapping[str, list[Callable[..., Awaitable[None]]]]
+EventHooks = Mapping[str, Sequence[Callable[..., Awaitable[None]]]]
 
 
-class ClhApi:
+class ClhApi(RestClient):
     """One Cloud Hypervisor API socket. The httpx client is opened lazily and can be closed
     and reopened (``disconnect`` then another call)."""
+
+    driver: ClassVar[str] = "clh"
+    api_name: ClassVar[str] = "Cloud Hypervisor API"
 
     def __init__(
         self,
@@ -74,85 +66,32 @@ class ClhApi:
         sandbox_id: str = "",
         event_hooks: EventHooks | None = None,
     ) -> None:
-        self.socket_path = socket_path
-        self.sandbox_id = sandbox_id
-        self._event_hooks = event_hooks
-        self._client: httpx.AsyncClient | None = None
+        super().__init__(socket_path, sandbox_id=sandbox_id, event_hooks=event_hooks)
         #: True once ``vmm.ping`` answered: from then on the short per-request timeout holds.
         self.answered = False
-
-    # -- plumbing -----------------------------------------------------------------------
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
-                base_url="http://localhost",
-                event_hooks=dict(self._event_hooks) if self._event_hooks else None,
-            )
-        return self._client
 
     def default_timeout(self) -> float:
         """1 s once the VMM has answered a ping, the ping timeout before (kata #6240)."""
         return API_TIMEOUT if self.answered else PING_TIMEOUT
 
-    def _error(self, message: str) -> HypervisorError:
-        return HypervisorError(message, driver="clh", sandbox_id=self.sandbox_id)
+    def _refusal(self, reply: httpx.Response) -> str:
+        text = reply.text.strip()
+        return f"HTTP {reply.status_code} {reply.reason_phrase}: {text or '(empty reply)'}"
 
     async def request(
         self, method: str, endpoint: str, body: Json | None = None, *, timeout: float | None = None
     ) -> httpx.Response:
-        """Send one request and return the (2xx) reply. The error boundary of the driver.
+        """Send one request to ``/api/v1/<endpoint>`` and return the (2xx) reply.
 
         Raises:
             ApiError: the VMM answered with a status >= 300 (status, request, reply body kept).
             HypervisorTimeout: no answer within ``timeout`` (default :meth:`default_timeout`).
-            HypervisorError: the socket is gone or the connection broke.
+            HypervisorError: the socket is gone (ApiUnreachable) or the connection broke.
         """
-        seconds = self.default_timeout() if timeout is None else timeout
-        what = f"{method} {_BASE_PATH}/{endpoint}"
-        try:
-            reply = await self._http().request(
-                method,
-                f"{_BASE_PATH}/{endpoint}",
-                json=body,
-                timeout=httpx.Timeout(seconds),
-            )
-        except httpx.TimeoutException as exc:
-            raise HypervisorTimeout(
-                what, seconds, driver="clh", sandbox_id=self.sandbox_id
-            ) from exc
-        except (httpx.TransportError, OSError) as exc:
-            raise self._error(f"{what} failed: {exc!r}") from exc
-        if reply.status_code >= 300:
-            text = reply.text.strip()
-            raise ApiError(
-                f"HTTP {reply.status_code} {reply.reason_phrase}: {text or '(empty reply)'}",
-                request=what,
-                reply=text,
-                status=reply.status_code,
-                driver="clh",
-                sandbox_id=self.sandbox_id,
-            )
-        log.debug("clh %s %s -> %d", what, json.dumps(body) if body else "", reply.status_code)
-        return reply
+        return await self.send(method, f"{_BASE_PATH}/{endpoint}", body, timeout=timeout)
 
     def _json(self, reply: httpx.Response) -> Json:
-        try:
-            data = reply.json()
-        except ValueError as exc:
-            raise self._error(
-                f"{reply.request.method} {reply.request.url.path}: reply is not JSON: "
-                f"{reply.text[:200]!r}"
-            ) from exc
-        if not isinstance(data, dict):
-            raise self._error(f"{reply.request.url.path}: expected a JSON object, got {data!r}")
-        return data
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        return self.json_object(reply)
 
     # -- readiness ----------------------------------------------------------------------
 
