@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 from virtcontainers.deadline import Deadline, poll_until
-from virtcontainers.errors import HypervisorTimeout
 
 __all__ = ["ConsoleWatcher"]
 
@@ -59,9 +58,7 @@ class ConsoleWatcher:
             deadline,
             attempt,
             abort=abort,
-            on_timeout=lambda: HypervisorTimeout(
-                f"connecting the console at {self.socket_path}", deadline.seconds
-            ),
+            on_timeout=lambda: deadline.missed(f"connecting the console at {self.socket_path}"),
         )
         self._writer = writer
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)

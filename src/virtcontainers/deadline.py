@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from virtcontainers.errors import HypervisorTimeout
+
 __all__ = ["Deadline", "poll_until"]
 
 T = TypeVar("T")
@@ -39,6 +41,12 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return time.monotonic() >= self.at
+
+    def missed(
+        self, operation: str, *, driver: str = "", sandbox_id: str = ""
+    ) -> HypervisorTimeout:
+        """The error for ``operation`` not done by this deadline (names the limit)."""
+        return HypervisorTimeout(operation, self.seconds, driver=driver, sandbox_id=sandbox_id)
 
 
 async def poll_until(

@@ -296,9 +296,12 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def load(self, state: HypervisorState) -> None: ...
 
+    #: The VMM enforces network rate limits itself (Firecracker, Cloud Hypervisor).
+    rate_limiter_builtin: ClassVar[bool] = False
+
     def is_rate_limiter_builtin(self) -> bool:
-        """True when the VMM enforces network rate limits itself (Firecracker)."""
-        return False
+        """True when the VMM enforces network rate limits itself."""
+        return self.rate_limiter_builtin
 
     def set_sandbox(self, sandbox: SandboxContext) -> None:
         self._sandbox = sandbox
@@ -319,12 +322,15 @@ _DRIVER_MODULES: dict[HypervisorType, str] = {
 _FACTORIES: dict[HypervisorType, Callable[[], Hypervisor]] = {}
 
 
-def register_driver(kind: HypervisorType) -> Callable[[type[Hypervisor]], type[Hypervisor]]:
+def register_driver(
+    kind: HypervisorType | str,
+) -> Callable[[type[Hypervisor]], type[Hypervisor]]:
     """Class decorator: make ``new_hypervisor(kind)`` build this driver."""
+    htype = HypervisorType(kind)
 
     def decorate(cls: type[Hypervisor]) -> type[Hypervisor]:
-        cls.driver = kind
-        _FACTORIES[kind] = cls
+        cls.driver = htype
+        _FACTORIES[htype] = cls
         return cls
 
     return decorate

@@ -45,18 +45,20 @@ class RestClient:
     api_name: ClassVar[str] = "VMM API"
     #: Put in front of the request in timeout messages ("Firecracker API PUT /x").
     timeout_prefix: ClassVar[str] = ""
+    #: Seconds per request when neither the call nor the constructor says.
+    default_request_timeout: ClassVar[float] = 10.0
 
     def __init__(
         self,
         socket_path: Path,
         *,
         sandbox_id: str = "",
-        timeout: float = 10.0,
+        timeout: float | None = None,
         event_hooks: Mapping[str, Sequence[EventHook]] | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.sandbox_id = sandbox_id
-        self.timeout = timeout
+        self.timeout = self.default_request_timeout if timeout is None else timeout
         self._event_hooks = {k: list(v) for k, v in (event_hooks or {}).items()}
         self._client: httpx.AsyncClient | None = None
 

@@ -46,7 +46,14 @@ from virtcontainers.errors import (
     StateError,
     UnsupportedError,
 )
-from virtcontainers.hypervisor import Hypervisor, NetworkNamespace, VmState
+from virtcontainers.hypervisor import (
+    Capabilities,
+    Capability,
+    ConsoleUrl,
+    Hypervisor,
+    NetworkNamespace,
+    VmState,
+)
 from virtcontainers.persist.hypervisor_state import HypervisorState
 from virtcontainers.process import (
     DEFAULT_STOP_TIMEOUT,
@@ -141,6 +148,9 @@ class VmmDriver(Hypervisor, Generic[P]):
     #: The VMM's vCPU thread names (group 1: the index), for :meth:`get_thread_ids`;
     #: None: no host thread per vCPU (ACRN), or the driver asks its VMM (QEMU).
     vcpu_thread_names: ClassVar[re.Pattern[str] | None] = None
+    #: What the driver can do (``capabilities()``; a driver whose set depends on its
+    #: config overrides :meth:`_capability_flags`).
+    capability_flags: ClassVar[Capability] = Capability.NONE
 
     def __init__(self, paths: P) -> None:
         super().__init__()
@@ -233,6 +243,17 @@ class VmmDriver(Hypervisor, Generic[P]):
 
     def hypervisor_config(self) -> HypervisorConfig:
         return self._config.copy()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(self._capability_flags())
+
+    def _capability_flags(self) -> Capability:
+        return self.capability_flags
+
+    async def get_sandbox_console(self, sandbox_id: str) -> ConsoleUrl:
+        """The console's unix socket (the driver's watcher is connected to it; VMMs serve
+        one client at a time)."""
+        return ConsoleUrl("unix", str(self._paths.console))
 
     def _valid_config(self, config: HypervisorConfig) -> HypervisorConfig:
         cfg = config.copy()

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from virtcontainers.testing._hvsock import accept_loop, read_connect, splice
+
 __all__ = ["SimOptions", "main", "parse_args", "write_wrapper"]
 
 Json = dict[str, Any]
@@ -188,23 +190,11 @@ class VsockMux:
         threading.Thread(target=self._accept, name="vsock", daemon=True).start()
 
     def _accept(self) -> None:
-        while self._listener is not None:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_loop(lambda: self._listener, self._serve)
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            line = b""
-            while not line.endswith(b"\n") and len(line) < 64:
-                chunk = conn.recv(1)
-                if not chunk:
-                    return
-                line += chunk
-            words = line.decode(errors="replace").split()
-            if len(words) != 2 or words[0] != "CONNECT" or not words[1].isdigit():
+            if read_connect(conn) is None:
                 return  # the real VMM closes on a bad handshake
             upstream: socket.socket | None = None
             if self.agent_unix:
@@ -222,11 +212,7 @@ class VsockMux:
                 while data := conn.recv(65536):
                     conn.sendall(data)
                 return
-            with upstream:
-                pump = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
-                pump.start()
-                _pump(conn, upstream)
-                pump.join(5)
+            splice(conn, upstream)
 
     def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -234,16 +220,6 @@ class VsockMux:
             listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
 
 
 # -- the VMM state machine -------------------------------------------------------------------

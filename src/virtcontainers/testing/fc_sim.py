@@ -49,6 +49,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from virtcontainers.testing._hvsock import accept_loop, read_connect, splice
+
 __all__ = ["VERSION", "main", "write_launcher"]
 
 VERSION = "1.10.1-sim"
@@ -554,24 +556,13 @@ class Vm:
     # -- hybrid vsock --------------------------------------------------------------------
 
     def _vsock_accept(self) -> None:
-        listener = self.vsock_listener
-        while listener is not None and not self.stopping.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._vsock_conn, args=(conn,), daemon=True).start()
+        accept_loop(
+            lambda: None if self.stopping.is_set() else self.vsock_listener, self._vsock_conn
+        )
 
     def _vsock_conn(self, conn: socket.socket) -> None:
         with conn:
-            line = b""
-            while not line.endswith(b"\n") and len(line) < 64:
-                chunk = conn.recv(1)
-                if not chunk:
-                    return
-                line += chunk
-            match = re.fullmatch(rb"CONNECT (\d+)\n", line)
-            if match is None or not self.agent_unix or self.state == "Paused":
+            if read_connect(conn) is None or not self.agent_unix or self.state == "Paused":
                 return  # no guest listener on that port: Firecracker closes the connection
             try:
                 upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -581,11 +572,7 @@ class Vm:
             with self.lock:
                 port, self.next_port = self.next_port, self.next_port + 1
             conn.sendall(f"OK {port}\n".encode())
-            with upstream:
-                pump = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
-                pump.start()
-                _pump(conn, upstream)
-                pump.join(5)
+            splice(conn, upstream)
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -594,14 +581,6 @@ class Vm:
             with contextlib.suppress(OSError):
                 self.vsock_listener.shutdown(socket.SHUT_RDWR)
             self.vsock_listener.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(65536):
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
 
 
 def _thread(target: Any, name: str) -> threading.Thread:

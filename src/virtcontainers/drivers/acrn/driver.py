@@ -68,12 +68,9 @@ from virtcontainers.drivers.acrn.argv import (
 from virtcontainers.drivers.acrn.uuids import UuidPool
 from virtcontainers.errors import ApiError, ConfigError, HypervisorError, HypervisorTimeout
 from virtcontainers.hypervisor import (
-    Capabilities,
     Capability,
-    ConsoleUrl,
     D,
     Hypervisor,
-    HypervisorType,
     NetworkNamespace,
     VmState,
     register_driver,
@@ -90,7 +87,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DRIVER = HypervisorType.ACRN.value
+_DRIVER = "acrn"
 
 #: acrn-dm's default install paths (the reference's ``acrnPath`` / ``acrnctlPath``).
 DEFAULT_ACRN_DM = "/usr/bin/acrn-dm"
@@ -156,7 +153,7 @@ class _BlockSlots:
         return next((i for i in sorted(self.slots) if i not in used), None)
 
 
-@register_driver(HypervisorType.ACRN)
+@register_driver("acrn")
 class AcrnHypervisor(VmmDriver[AcrnPaths]):
     """One ACRN user VM run by ``acrn-dm``.
 
@@ -430,9 +427,6 @@ class AcrnHypervisor(VmmDriver[AcrnPaths]):
         problem = acrn_host_problem()
         return self._error(f"{message}; {problem}" if problem else message)
 
-    async def get_sandbox_console(self, sandbox_id: str) -> ConsoleUrl:
-        return ConsoleUrl("unix", str(self._paths.console))
-
     # -- devices ------------------------------------------------------------------------
 
     async def add_device(self, device: ColdPlugDevice) -> None:
@@ -543,13 +537,13 @@ class AcrnHypervisor(VmmDriver[AcrnPaths]):
 
     # -- utilities ----------------------------------------------------------------------
 
-    def capabilities(self) -> Capabilities:
+    def _capability_flags(self) -> Capability:
         """Block devices always; block hot-plug and pause when acrnctl is available (the
         reference declared block device and block hot-plug support)."""
         flags = Capability.BLOCK_DEVICE
         if self._ctl_path():
             flags |= Capability.BLOCK_DEVICE_HOTPLUG | Capability.PAUSE
-        return Capabilities(flags)
+        return flags
 
     # The reference's ACRN is not served by the VM cache: keep the interface's UnsupportedError
     # (adopting a VM from another process is :meth:`reattach`, which ACRN does support).

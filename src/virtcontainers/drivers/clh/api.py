@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -59,16 +58,8 @@ class ClhApi(RestClient):
     driver: ClassVar[str] = "clh"
     api_name: ClassVar[str] = "Cloud Hypervisor API"
 
-    def __init__(
-        self,
-        socket_path: Path,
-        *,
-        sandbox_id: str = "",
-        event_hooks: EventHooks | None = None,
-    ) -> None:
-        super().__init__(socket_path, sandbox_id=sandbox_id, event_hooks=event_hooks)
-        #: True once ``vmm.ping`` answered: from then on the short per-request timeout holds.
-        self.answered = False
+    #: True once ``vmm.ping`` answered: from then on the short per-request timeout holds.
+    answered = False
 
     def default_timeout(self) -> float:
         """1 s once the VMM has answered a ping, the ping timeout before (kata #6240)."""
@@ -125,9 +116,8 @@ class ClhApi(RestClient):
             ping,
             abort=abort,
             interval=_PING_RETRY,
-            on_timeout=lambda: HypervisorTimeout(
+            on_timeout=lambda: deadline.missed(
                 f"vmm.ping on {self.socket_path} ({last[0] if last else 'no socket'!r})",
-                deadline.seconds,
                 driver="clh",
                 sandbox_id=self.sandbox_id,
             ),

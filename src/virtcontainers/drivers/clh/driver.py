@@ -33,14 +33,11 @@ from virtcontainers.devices import (
     CpuDevice,
     FsShare,
     HybridVSock,
-    ImageDevice,
     MemoryDevice,
     NetDevice,
-    SerialPort,
     VfioDevice,
     VhostUserDevice,
     VhostUserKind,
-    VSock,
 )
 from virtcontainers.drivers._resize import hotplug_mem_mib
 from virtcontainers.drivers._vmm import VmmDriver, check_boot_files
@@ -50,16 +47,12 @@ from virtcontainers.drivers.clh.vmconfig import MIB, ClhPaths, FsBackend
 from virtcontainers.errors import (
     ConfigError,
     HypervisorError,
-    HypervisorTimeout,
     LaunchError,
     UnsupportedError,
 )
 from virtcontainers.hypervisor import (
-    Capabilities,
     Capability,
-    ConsoleUrl,
     D,
-    HypervisorType,
     NetworkNamespace,
     VmState,
     register_driver,
@@ -79,13 +72,18 @@ STOP_TIMEOUT = 3.0
 _BLOCK_DRIVERS = (BlockDriver.VIRTIO_BLOCK.value, BlockDriver.VIRTIO_SCSI.value)
 
 
-@register_driver(HypervisorType.CLH)
+@register_driver("clh")
 class CloudHypervisor(VmmDriver[ClhPaths]):
     """Cloud Hypervisor over its REST API. ``event_hooks`` are passed to the httpx client
     (the contract tests record every request with them)."""
 
     vmm_name = "cloud-hypervisor"
     vcpu_thread_names = re.compile(r"vcpu(\d+)")
+    #: Cloud Hypervisor enforces the NICs' token buckets itself.
+    rate_limiter_builtin = True
+    capability_flags = Capability.BLOCK_DEVICE | Capability.BLOCK_DEVICE_HOTPLUG | Capability.PAUSE
+    capability_flags |= Capability.NET_HOTPLUG | Capability.CPU_HOTPLUG | Capability.SAVE
+    capability_flags |= Capability.MEMORY_HOTPLUG | Capability.FS_SHARING | Capability.HYBRID_VSOCK
 
     def __init__(self, *, event_hooks: EventHooks | None = None) -> None:
         super().__init__(ClhPaths(Path()))
@@ -180,31 +178,7 @@ class CloudHypervisor(VmmDriver[ClhPaths]):
 
     def build_vm_config(self) -> Json:
         """The ``vm.create`` body for this VM and its cold-plugged devices."""
-        disks: list[Json] = []
-        nets: list[Json] = []
-        devices: list[Json] = []
-        fs: list[FsBackend] = []
-        direct = self._config.storage.block_device_cache_direct
-        for dev in self._cold:
-            match dev:
-                case ImageDevice():
-                    disks.append({"path": dev.path, "readonly": True, "id": "image"})
-                case BlockDrive():
-                    disks.append(vmconfig.disk_config(dev, direct=direct))
-                case NetDevice():
-                    nets.append(vmconfig.net_config(dev, self._config))
-                case VfioDevice():
-                    devices.append(vmconfig.vfio_config(dev))
-                case VhostUserDevice(type=VhostUserKind.BLK):
-                    disks.append(vmconfig.vhost_user_disk(dev))
-                case VhostUserDevice(type=VhostUserKind.NET):
-                    nets.append(vmconfig.vhost_user_net(dev))
-                case VhostUserDevice(type=VhostUserKind.FS):
-                    fs.append(FsBackend(dev.tag, dev.socket_path, vmconfig.device_id(dev)))
-        shares = [d for d in self._cold if isinstance(d, FsShare)]
-        for index, share in enumerate(shares):
-            sock = str(self._paths.virtiofsd_socket(index))
-            fs.append(FsBackend(share.mount_tag, sock, f"fs-{index}"))
+        disks, nets, devices, fs = vmconfig.cold_bodies(self._cold, self._config, self._paths)
         return vmconfig.build_vm_config(
             self._config,
             self._paths,
@@ -301,11 +275,8 @@ class CloudHypervisor(VmmDriver[ClhPaths]):
         await poll_until(
             deadline,
             listening,
-            on_timeout=lambda: HypervisorTimeout(
-                f"virtiofsd socket {sock}",
-                deadline.seconds,
-                driver="clh",
-                sandbox_id=self.sandbox_id,
+            on_timeout=lambda: deadline.missed(
+                f"virtiofsd socket {sock}", driver="clh", sandbox_id=self.sandbox_id
             ),
         )
 
@@ -379,37 +350,30 @@ class CloudHypervisor(VmmDriver[ClhPaths]):
             raise self._error("cloud-hypervisor is still running: stop the sandbox first")
         await super().cleanup()
 
-    async def get_sandbox_console(self, sandbox_id: str) -> ConsoleUrl:
-        """The serial port's unix socket (the driver's console watcher is connected to it;
-        Cloud Hypervisor serves one client at a time)."""
-        return ConsoleUrl("unix", str(self._paths.console))
-
     # -- devices ------------------------------------------------------------------------
 
     async def add_device(self, device: ColdPlugDevice) -> None:
         """Queue a device for ``vm.create``; only before start.
 
         Raises:
-            UnsupportedError: virtio-serial ports, vhost-vsock, vhost-user SCSI.
+            UnsupportedError: virtio-serial ports and vhost-vsock (the agent channel is the
+                hybrid vsock), vhost-user SCSI.
             ConfigError: a shared directory without ``shared_fs.virtio_fs_daemon``.
         """
         self._require("cold-plug a device", VmState.CREATED)
-        match device:
-            case SerialPort():
-                raise UnsupportedError("virtio-serial ports", driver="clh")
-            case VSock():
-                raise UnsupportedError("vhost-vsock (use hybrid vsock)", driver="clh")
-            case VhostUserDevice(type=VhostUserKind.SCSI):
-                raise UnsupportedError("vhost-user SCSI", driver="clh")
-            case HybridVSock():
-                self._vsock = device
-                return
-            case FsShare():
-                if not self._config.shared_fs.virtio_fs_daemon:
-                    raise ConfigError(
-                        "sharing a directory needs shared_fs.virtio_fs_daemon (virtiofsd)",
-                        field="shared_fs.virtio_fs_daemon",
-                    )
+        if isinstance(device, HybridVSock):
+            self._vsock = device
+            return
+        if not isinstance(device, vmconfig.COLD_PLUG_KINDS) or (
+            isinstance(device, VhostUserDevice) and device.type is VhostUserKind.SCSI
+        ):
+            kind = type(device).__name__
+            raise self._unsupported(f"cold-plug of {kind} (the agent: hybrid vsock)")
+        if isinstance(device, FsShare) and not self._config.shared_fs.virtio_fs_daemon:
+            raise ConfigError(
+                "sharing a directory needs shared_fs.virtio_fs_daemon (virtiofsd)",
+                field="shared_fs.virtio_fs_daemon",
+            )
         self._cold.append(device)
 
     async def hotplug_add_device(self, device: D) -> D:
@@ -569,23 +533,6 @@ class CloudHypervisor(VmmDriver[ClhPaths]):
         )
 
     # -- utilities ----------------------------------------------------------------------
-
-    def capabilities(self) -> Capabilities:
-        return Capabilities(
-            Capability.BLOCK_DEVICE
-            | Capability.BLOCK_DEVICE_HOTPLUG
-            | Capability.NET_HOTPLUG
-            | Capability.FS_SHARING
-            | Capability.HYBRID_VSOCK
-            | Capability.CPU_HOTPLUG
-            | Capability.MEMORY_HOTPLUG
-            | Capability.PAUSE
-            | Capability.SAVE
-        )
-
-    def is_rate_limiter_builtin(self) -> bool:
-        """Cloud Hypervisor enforces the NICs' token buckets itself."""
-        return True
 
     def _extra_pids(self) -> list[int]:
         """Any virtiofsd, after the VMM."""

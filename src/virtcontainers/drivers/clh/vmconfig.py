@@ -7,6 +7,7 @@ validate everything built here against it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from virtcontainers.config import HypervisorConfig, Param, serialize_params
 from virtcontainers.config.defaults import VIRTIO_BLK_KERNEL_ROOT_PARAMS
 from virtcontainers.devices import (
     BlockDrive,
+    FsShare,
     HybridVSock,
     ImageDevice,
     NetDevice,
     VfioDevice,
     VhostUserDevice,
+    VhostUserKind,
 )
 from virtcontainers.drivers._vmm import InRunDir, RunPaths
 from virtcontainers.drivers.clh.api import Json
@@ -40,6 +43,8 @@ __all__ = [
 ]
 
 MIB = 1 << 20
+#: What Cloud Hypervisor takes cold (``vm.create``); vhost-user SCSI excepted.
+COLD_PLUG_KINDS = (BlockDrive, ImageDevice, NetDevice, VfioDevice, VhostUserDevice, FsShare)
 #: Cloud Hypervisor hot-plugs ACPI memory in 128 MiB blocks; the hot-plug area is sized in them.
 MEMORY_ALIGN_MIB = 128
 #: The reference's token-bucket refill time for rate limiters (``DefaultRateLimiterRefillTime``).
@@ -214,6 +219,39 @@ def pci_path_from_bdf(bdf: str) -> str:
         if function == "0" and len(slot) == 2 and all(c in "0123456789abcdef" for c in slot):
             return slot
     raise HypervisorError(f"unexpected PCI address {bdf!r} from cloud-hypervisor", driver="clh")
+
+
+def cold_bodies(
+    cold: Sequence[object], cfg: HypervisorConfig, paths: ClhPaths
+) -> tuple[list[Json], list[Json], list[Json], list[FsBackend]]:
+    """The ``disks``, ``net``, ``devices`` and ``fs`` entries for cold-plugged devices (a
+    shared directory is served by the virtiofsd the driver starts on its run-dir socket)."""
+    disks: list[Json] = []
+    nets: list[Json] = []
+    devices: list[Json] = []
+    fs: list[FsBackend] = []
+    direct = cfg.storage.block_device_cache_direct
+    for dev in cold:
+        match dev:
+            case ImageDevice():
+                disks.append({"path": dev.path, "readonly": True, "id": "image"})
+            case BlockDrive():
+                disks.append(disk_config(dev, direct=direct))
+            case NetDevice():
+                nets.append(net_config(dev, cfg))
+            case VfioDevice():
+                devices.append(vfio_config(dev))
+            case VhostUserDevice(type=VhostUserKind.BLK):
+                disks.append(vhost_user_disk(dev))
+            case VhostUserDevice(type=VhostUserKind.NET):
+                nets.append(vhost_user_net(dev))
+            case VhostUserDevice(type=VhostUserKind.FS):
+                fs.append(FsBackend(dev.tag, dev.socket_path, device_id(dev)))
+    shares = [d for d in cold if isinstance(d, FsShare)]
+    for index, share in enumerate(shares):
+        sock = str(paths.virtiofsd_socket(index))
+        fs.append(FsBackend(share.mount_tag, sock, f"fs-{index}"))
+    return disks, nets, devices, fs
 
 
 def build_vm_config(

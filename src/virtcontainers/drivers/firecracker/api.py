@@ -10,8 +10,7 @@ a broken one or a reply that is not JSON :class:`HypervisorError`, a timeout
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
 
 import httpx
@@ -38,27 +37,13 @@ JsonBody = Mapping[str, object]
 
 
 class FirecrackerApi(RestClient):
-    """An httpx client bound to one Firecracker API socket."""
+    """An httpx client bound to one Firecracker API socket (``timeout`` defaults to
+    :data:`API_TIMEOUT`; ``event_hooks`` take :data:`RequestHook` / :data:`ResponseHook`)."""
 
     driver: ClassVar[str] = "firecracker"
     api_name: ClassVar[str] = "Firecracker API"
     timeout_prefix: ClassVar[str] = "Firecracker API "
-
-    def __init__(
-        self,
-        socket_path: Path,
-        *,
-        sandbox_id: str = "",
-        timeout: float = API_TIMEOUT,
-        request_hooks: Sequence[RequestHook] = (),
-        response_hooks: Sequence[ResponseHook] = (),
-    ) -> None:
-        super().__init__(
-            socket_path,
-            sandbox_id=sandbox_id,
-            timeout=timeout,
-            event_hooks={"request": list(request_hooks), "response": list(response_hooks)},
-        )
+    default_request_timeout: ClassVar[float] = API_TIMEOUT
 
     def _refusal(self, reply: httpx.Response) -> str:
         return _fault_message(reply.text) or reply.reason_phrase

@@ -70,11 +70,9 @@ from virtcontainers.drivers.firecracker.jailer import (
 from virtcontainers.drivers.firecracker.paths import FcPaths, placeholder_id
 from virtcontainers.errors import ConfigError, HypervisorTimeout
 from virtcontainers.hypervisor import (
-    Capabilities,
     Capability,
     ConsoleUrl,
     D,
-    HypervisorType,
     NetworkNamespace,
     VmState,
     register_driver,
@@ -101,7 +99,7 @@ _GUEST_CID = 3
 _SNAPSHOT_TIMEOUT = 120.0
 
 
-@register_driver(HypervisorType.FIRECRACKER)
+@register_driver("firecracker")
 class FirecrackerHypervisor(VmmDriver[FcPaths]):
     """Firecracker, launched directly or through its jailer (``boot.jailer_path``).
 
@@ -112,6 +110,10 @@ class FirecrackerHypervisor(VmmDriver[FcPaths]):
     vmm_name = "Firecracker"
     wait_only_fallback = "kill"
     vcpu_thread_names = re.compile(r"fc_vcpu ?(\d+)")
+    #: Firecracker enforces the NIC token buckets itself.
+    rate_limiter_builtin = True
+    capability_flags = Capability.BLOCK_DEVICE | Capability.BLOCK_DEVICE_HOTPLUG | Capability.PAUSE
+    capability_flags |= Capability.HYBRID_VSOCK | Capability.SAVE
 
     def __init__(
         self,
@@ -145,8 +147,7 @@ class FirecrackerHypervisor(VmmDriver[FcPaths]):
             self._api = FirecrackerApi(
                 self._paths.api_socket,
                 sandbox_id=self.sandbox_id,
-                request_hooks=self._request_hooks,
-                response_hooks=self._response_hooks,
+                event_hooks={"request": self._request_hooks, "response": self._response_hooks},
             )
         return self._api
 
@@ -272,9 +273,7 @@ class FirecrackerHypervisor(VmmDriver[FcPaths]):
             return True
 
         def late(what: str) -> HypervisorTimeout:
-            return HypervisorTimeout(
-                what, deadline.seconds, driver=self.driver.value, sandbox_id=self.sandbox_id
-            )
+            return deadline.missed(what, driver=self.driver.value, sandbox_id=self.sandbox_id)
 
         await poll_until(
             deadline,
@@ -418,12 +417,17 @@ class FirecrackerHypervisor(VmmDriver[FcPaths]):
             case _:
                 raise self._unsupported(f"cold-plug of {type(device).__name__}")
 
+    def _block_only(self, device: object, operation: str) -> BlockDrive:
+        """Firecracker hot-plugs block drives only (UnsupportedError for anything else)."""
+        self._require(f"{operation} a device", VmState.RUNNING)
+        if not isinstance(device, BlockDrive):
+            raise self._unsupported(f"{operation} of {type(device).__name__}")
+        return device
+
     async def hotplug_add_device(self, device: D) -> D:
         """Block drives only: swap the file behind a free placeholder drive."""
-        self._require("hot-plug a device", VmState.RUNNING)
-        if not isinstance(device, BlockDrive):
-            raise self._unsupported(f"hot-plug of {type(device).__name__}")
-        await self._guarded(f"hot-plug of {device.id}", self._plug_block(device))
+        drive = self._block_only(device, "hot-plug")
+        await self._guarded(f"hot-plug of {drive.id}", self._plug_block(drive))
         return device
 
     async def _plug_block(self, drive: BlockDrive) -> None:
@@ -447,10 +451,8 @@ class FirecrackerHypervisor(VmmDriver[FcPaths]):
 
     async def hotplug_remove_device(self, device: D) -> D:
         """Block drives only: swap the placeholder back in."""
-        self._require("hot-unplug a device", VmState.RUNNING)
-        if not isinstance(device, BlockDrive):
-            raise self._unsupported(f"hot-unplug of {type(device).__name__}")
-        await self._guarded(f"hot-unplug of {device.id}", self._unplug_block(device))
+        drive = self._block_only(device, "hot-unplug")
+        await self._guarded(f"hot-unplug of {drive.id}", self._unplug_block(drive))
         return device
 
     async def _unplug_block(self, drive: BlockDrive) -> None:
@@ -489,19 +491,6 @@ class FirecrackerHypervisor(VmmDriver[FcPaths]):
         return self._agent_vsock()
 
     # -- utilities ----------------------------------------------------------------------
-
-    def capabilities(self) -> Capabilities:
-        return Capabilities(
-            Capability.BLOCK_DEVICE
-            | Capability.BLOCK_DEVICE_HOTPLUG
-            | Capability.HYBRID_VSOCK
-            | Capability.PAUSE
-            | Capability.SAVE
-        )
-
-    def is_rate_limiter_builtin(self) -> bool:
-        """Firecracker enforces the NIC token buckets itself."""
-        return True
 
     def _save_fields(self) -> dict[str, Any]:
         return {

@@ -26,7 +26,6 @@ from virtcontainers.devices import (
     BlockDrive,
     ColdPlugDevice,
     CpuDevice,
-    HotplugDevice,
     HybridVSock,
     MemoryDevice,
     NetDevice,
@@ -53,11 +52,8 @@ from virtcontainers.errors import (
     UnsupportedError,
 )
 from virtcontainers.hypervisor import (
-    Capabilities,
     Capability,
-    ConsoleUrl,
     D,
-    HypervisorType,
     NetworkNamespace,
     VmState,
     register_driver,
@@ -71,7 +67,7 @@ log = logging.getLogger(__name__)
 QEMU_BINARIES = ("qemu-system-x86_64", "qemu-kvm")
 
 
-@register_driver(HypervisorType.QEMU)
+@register_driver("qemu")
 class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
     """QEMU with KVM when a vCPU really runs under it, TCG otherwise."""
 
@@ -215,11 +211,7 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
                 f"cannot open the template's device state {path}: {exc.strerror}",
                 field="template.devices_state_path",
             ) from exc
-        try:
-            qmp.send_fd(fd)
-            await qmp.execute("getfd", {"fdname": "migin"})
-        finally:
-            os.close(fd)
+        await _give_fd(qmp, fd, "migin")
         await qmp.execute("migrate-incoming", {"uri": "fd:migin"})
         await self._wait_migration(qmp, deadline.remaining(1.0), "restoring")
         await qmp.execute("cont")
@@ -273,11 +265,7 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
                 {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
             )
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            qmp.send_fd(fd)
-            await qmp.execute("getfd", {"fdname": "migfile"})
-        finally:
-            os.close(fd)
+        await _give_fd(qmp, fd, "migfile")
         await qmp.execute("migrate", {"uri": "fd:migfile"})
         await self._wait_migration(qmp)
 
@@ -302,9 +290,6 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
             return f"guest is in state {status}"
         return None
 
-    async def get_sandbox_console(self, sandbox_id: str) -> ConsoleUrl:
-        return ConsoleUrl("unix", str(self._paths.console))
-
     # -- devices ------------------------------------------------------------------------
 
     async def add_device(self, device: ColdPlugDevice) -> None:
@@ -320,7 +305,7 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
         await self._guarded(f"hot-plug of {device}", self._plug(device))
         return device
 
-    async def _plug(self, device: HotplugDevice) -> None:
+    async def _plug(self, device: D) -> None:
         qmp, hot, cfg = self._qmp_or_fail(), self._hot, self._config
         match device:
             case CpuDevice():
@@ -372,7 +357,7 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
 
     # -- utilities ----------------------------------------------------------------------
 
-    def capabilities(self) -> Capabilities:
+    def _capability_flags(self) -> Capability:
         flags = Capability.BLOCK_DEVICE | Capability.MULTI_QUEUE | Capability.PAUSE
         flags |= Capability.SAVE
         if self.machine in PCI_MACHINES:
@@ -383,7 +368,7 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
                 | Capability.MEMORY_HOTPLUG
                 | Capability.FS_SHARING
             )
-        return Capabilities(flags)
+        return flags
 
     async def get_thread_ids(self) -> dict[int, int]:
         self._require("get thread ids", VmState.RUNNING, VmState.PAUSED)
@@ -423,6 +408,15 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
             self._console = console
         status = as_dict(await self._qmp.execute("query-status"))
         return VmState.PAUSED if status.get("status") == "paused" else VmState.RUNNING
+
+
+async def _give_fd(qmp: Qmp, fd: int, name: str) -> None:
+    """Pass ``fd`` to QEMU as ``name`` (``getfd``), then close our copy."""
+    try:
+        qmp.send_fd(fd)
+        await qmp.execute("getfd", {"fdname": name})
+    finally:
+        os.close(fd)
 
 
 def _check_template_files(cfg: HypervisorConfig) -> None:

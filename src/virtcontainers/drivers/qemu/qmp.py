@@ -80,9 +80,8 @@ class Qmp:
             except TimeoutError as exc:
                 with contextlib.suppress(QMPError, OSError, EOFError):
                     await client.disconnect()
-                raise HypervisorTimeout(
+                raise deadline.missed(
                     f"the QMP greeting on {self.path} (is another client connected?)",
-                    deadline.seconds,
                     driver="qemu",
                     sandbox_id=self.sandbox_id,
                 ) from exc
@@ -93,9 +92,8 @@ class Qmp:
             attempt,
             abort=abort,
             interval=_CONNECT_RETRY,
-            on_timeout=lambda: HypervisorTimeout(
+            on_timeout=lambda: deadline.missed(
                 f"connecting QMP at {self.path} ({last[0] if last else 'no attempt'})",
-                deadline.seconds,
                 driver="qemu",
                 sandbox_id=self.sandbox_id,
             ),
