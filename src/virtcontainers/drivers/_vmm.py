@@ -4,8 +4,8 @@ A driver subclasses :class:`VmmDriver` and keeps only what is its own: the argv 
 payloads, its ready probe (:meth:`VmmDriver._until_ready`), its liveness probe
 (:meth:`VmmDriver._probe`), its device mapping and its extra files. The base owns:
 
-* the run directory (the sandbox's, or a private temp dir it then removes) and
-  :class:`RunPaths`, the one pattern for "where this VM's sockets and logs live";
+* the run directory (the sandbox's, or a private temp dir it then removes), with the
+  driver's :class:`~virtcontainers.drivers._runpaths.RunPaths`;
 * launch: argv list, stdin from /dev/null, stdout/stderr to the VMM log, whose tail goes
   into :class:`~virtcontainers.errors.LaunchError`;
 * the start template: spawn → the driver's ready probe raced against "the VMM exited early"
@@ -29,14 +29,14 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import Any, ClassVar, Generic, TypeVar
 
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.console import ConsoleWatcher
 from virtcontainers.deadline import Deadline
 from virtcontainers.drivers._grpc import decode_vm, encode_vm
+from virtcontainers.drivers._runpaths import RunPaths
 from virtcontainers.errors import (
     ApiError,
     ConfigError,
@@ -62,7 +62,7 @@ from virtcontainers.process import (
     vcpu_threads,
 )
 
-__all__ = ["InRunDir", "RunPaths", "VmmDriver", "check_boot_files"]
+__all__ = ["VmmDriver", "check_boot_files"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,50 +75,6 @@ _ABORT_TERM_TIMEOUT = 2.0
 _ABORT_KILL_TIMEOUT = 5.0
 #: After a call failed: how long to wait for the VMM's exit to tell "it died" from "it erred".
 _DIED_GRACE = 1.0
-
-
-class InRunDir:
-    """A path attribute of a :class:`RunPaths`: ``name`` inside its run dir."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type[RunPaths]) -> InRunDir: ...
-
-    @overload
-    def __get__(self, obj: RunPaths, owner: type[RunPaths]) -> Path: ...
-
-    def __get__(self, obj: RunPaths | None, owner: type[RunPaths]) -> Path | InRunDir:
-        return self if obj is None else self.resolve(obj)
-
-    def resolve(self, paths: RunPaths) -> Path:
-        return paths.run_dir / self.name
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one VM's files live: ``run_dir`` and names inside it (:class:`InRunDir`).
-    Drivers subclass this with their own names; :meth:`sockets` are removed at stop,
-    :meth:`logs` at cleanup."""
-
-    run_dir: Path
-
-    console = InRunDir("console.sock")
-    console_log = InRunDir("console.log")
-    #: The VMM's stdout and stderr (drivers rename it).
-    vmm_log = InRunDir("vmm.log")
-
-    @property
-    def unset(self) -> bool:
-        """True before create (no run dir yet)."""
-        return self.run_dir == Path()
-
-    def sockets(self) -> tuple[Path, ...]:
-        return (self.console,)
-
-    def logs(self) -> tuple[Path, ...]:
-        return (self.console_log, self.vmm_log)
 
 
 def check_boot_files(cfg: HypervisorConfig) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.config.params import Param, serialize_params
 from virtcontainers.devices import BlockDrive, ColdPlugDevice, NetDevice, SerialPort, VSock
-from virtcontainers.drivers._vmm import InRunDir, RunPaths
+from virtcontainers.drivers._runpaths import InRunDir, RunPaths
 from virtcontainers.errors import ConfigError, UnsupportedError
 
 __all__ = [

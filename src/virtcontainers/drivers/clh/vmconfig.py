@@ -23,7 +23,7 @@ from virtcontainers.devices import (
     VhostUserDevice,
     VhostUserKind,
 )
-from virtcontainers.drivers._vmm import InRunDir, RunPaths
+from virtcontainers.drivers._runpaths import InRunDir, RunPaths
 from virtcontainers.drivers.clh.api import Json
 from virtcontainers.errors import HypervisorError
 

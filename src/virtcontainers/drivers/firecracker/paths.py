@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtcontainers.drivers._vmm import InRunDir, RunPaths
+from virtcontainers.drivers._runpaths import InRunDir, RunPaths
 from virtcontainers.drivers.firecracker.jailer import JAILED_API_SOCKET, JailLayout
 
 __all__ = ["FcPaths", "placeholder_id"]

@@ -22,7 +22,7 @@ from virtcontainers.config.defaults import (
     VIRTIO_BLK_KERNEL_ROOT_PARAMS,
     BlockDriver,
 )
-from virtcontainers.drivers._vmm import InRunDir, RunPaths
+from virtcontainers.drivers._runpaths import InRunDir, RunPaths
 from virtcontainers.errors import ConfigError
 
 __all__ = [
