@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -96,6 +97,17 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _accepts(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def start_agent(binary: Path | list[str], tmp_path: Path, *extra: str) -> Iterator[Agent]:
     rundir = tempfile.mkdtemp(prefix="vca-", dir="/tmp")  # short: sun_path has 108 bytes
     sock = os.path.join(rundir, "agent.sock")
@@ -111,9 +123,9 @@ def start_agent(binary: Path | list[str], tmp_path: Path, *extra: str) -> Iterat
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
+    while not _accepts(sock):  # the file appears at bind(), connections work after listen()
         assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "agent socket never appeared"
+        assert time.monotonic() < deadline, "agent socket never accepted a connection"
         time.sleep(0.005)
     agent = Agent(proc, sock, sysfs, log)
     try:

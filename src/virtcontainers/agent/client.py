@@ -241,6 +241,10 @@ class ExecProcess:
         """Send ``sig`` to the process (or its whole process group)."""
         await self._client.signal(self.exec_id, sig, group=group)
 
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of the process's pty."""
+        await self._client.resize_tty(self.exec_id, rows, cols)
+
 
 #: How long close() lets buffered bytes drain before dropping the connection.
 _CLOSE_FLUSH_TIMEOUT = 2.0
@@ -396,10 +400,12 @@ class AgentClient:
         no_stdin: bool = False,
         tty_size: tuple[int, int] | None = None,
         request_timeout: float | None = None,
+        extra_items: Sequence[tuple[int, bytes]] = (),
     ) -> ExecProcess:
         """Start ``argv`` and return at once with an :class:`ExecProcess`.
 
         ``no_stdin`` starts it with stdin already closed. ``tty_size`` is ``(rows, cols)``.
+        ``extra_items``: more TLV items for the request (e.g. the sandbox server's KEEP).
         """
         if not argv:
             raise ValueError("argv must not be empty")
@@ -421,6 +427,7 @@ class AgentClient:
             items.append(tlv(Tag.TIMEOUT_MS, max(1, round(timeout * 1000)), 4))
         if no_stdin:
             items.append(tlv(Tag.NO_STDIN, 1, 1))
+        items += extra_items
         if any("\0" in a for a in argv) or (env and any("\0" in k + v for k, v in env.items())):
             raise ValueError("argv and env must not contain NUL characters")
         started: list[ExecProcess] = []
@@ -444,6 +451,14 @@ class AgentClient:
         if group:
             items.append(tlv(Tag.GROUP, 1, 1))
         await self._call(FrameType.SIGNAL, tlv_encode(items), "signal", timeout)
+
+    async def resize_tty(
+        self, exec_id: int, rows: int, cols: int, *, timeout: float | None = None
+    ) -> None:
+        """Set the window size of exec ``exec_id``'s pty (protocol 1.2; the guest process
+        gets SIGWINCH)."""
+        items = [tlv(Tag.EXEC_ID, exec_id, 4), tlv(Tag.ROWS, rows, 4), tlv(Tag.COLS, cols, 4)]
+        await self._call(FrameType.RESIZE, tlv_encode(items), "resize", timeout)
 
     async def write_file(
         self,

@@ -48,7 +48,7 @@ __all__ = [
 MAGIC = b"VCAG"
 PROTOCOL_MAJOR = 1
 """Frames carry this in their version byte; a different major version is incompatible."""
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 """Additive changes (new optional tags, new request types) bump the minor version only."""
 
 _HEADER = struct.Struct(">4sBBHIIII")
@@ -75,6 +75,10 @@ class FrameType(IntEnum):
     SHUTDOWN = 0x08
     ATTACH = 0x09
     """Sent once after :data:`SYNC_PREAMBLE` (id 0, no reply): a new host's session begins."""
+    RESIZE = 0x0A
+    """Set the window size of an exec's pty (since 1.2)."""
+    SERVER = 0x20
+    """A request to the sandbox server (:mod:`virtcontainers.server`); never sent to the agent."""
     OK = 0x40
     ERROR = 0x41
     STDIN = 0x80
@@ -125,6 +129,9 @@ class Tag(IntEnum):
     CLEAR_ENV = 32
     NO_STDIN = 33
     DIRECT = 34
+    KEEP = 64
+    """EXEC through the sandbox server: the process outlives its client (``vc exec -d``).
+    The server strips it; an agent would ignore it (not critical)."""
 
 
 CRITICAL = 0x8000

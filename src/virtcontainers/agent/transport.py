@@ -13,10 +13,17 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Mapping
 
 from virtcontainers.errors import AgentError
 
-__all__ = ["StreamPair", "connect_hybrid_vsock", "connect_unix", "connect_vsock"]
+__all__ = [
+    "StreamPair",
+    "connect_channel",
+    "connect_hybrid_vsock",
+    "connect_unix",
+    "connect_vsock",
+]
 
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -85,3 +92,31 @@ async def connect_vsock(cid: int, port: int, *, timeout: float = 10.0) -> Stream
     except BaseException:
         sock.close()
         raise
+
+
+async def connect_channel(
+    channel: Mapping[str, object], *, timeout: float = 10.0
+) -> tuple[StreamPair, bool]:
+    """Connect to the agent channel a sandbox record describes (``{"kind": "serial", "path":
+    ...}``, ``hybrid-vsock`` with ``path``/``port``, ``vsock`` with ``cid``/``port``).
+
+    Returns the stream pair and whether the host must resync first (virtio-serial: a port
+    that outlives host connections, see docs/agent-protocol.md "Resync").
+
+    Raises:
+        AgentError: no channel recorded, or it cannot be connected.
+    """
+    kind = channel.get("kind")
+    if kind == "serial":
+        return await connect_unix(str(channel["path"]), timeout=timeout), True
+    if kind == "hybrid-vsock":
+        pair = await connect_hybrid_vsock(
+            str(channel["path"]), int(str(channel["port"])), timeout=timeout
+        )
+        return pair, False
+    if kind == "vsock":
+        pair = await connect_vsock(
+            int(str(channel["cid"])), int(str(channel["port"])), timeout=timeout
+        )
+        return pair, False
+    raise AgentError(f"no agent channel recorded (kind {kind!r})")

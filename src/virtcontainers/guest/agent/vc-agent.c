@@ -43,7 +43,7 @@
 
 #define AGENT_VERSION "0.1.0"
 #define PROTO_MAJOR 1
-#define PROTO_MINOR 1
+#define PROTO_MINOR 2
 
 #define HDR_SIZE 24
 #define MAX_PAYLOAD 65536u
@@ -73,6 +73,7 @@ enum frame_type {
     T_ONLINE_MEMORY = 0x07,
     T_SHUTDOWN = 0x08,
     T_ATTACH = 0x09,
+    T_RESIZE = 0x0A,
     T_OK = 0x40,
     T_ERROR = 0x41,
     T_STDIN = 0x80,
@@ -901,6 +902,33 @@ static void do_signal(uint32_t id, struct fields *f)
     tb_send(T_OK, id);
 }
 
+/* RESIZE (since 1.2): a new window size for an exec's pty; the kernel then sends SIGWINCH to
+ * the pty's foreground process group, as a terminal emulator's resize does. */
+static void do_resize(uint32_t id, struct fields *f)
+{
+    struct exec *e = find_exec(f->exec_id);
+    if (!e || e->orphan) {
+        send_error(id, E_NOT_FOUND, 0, "no exec with id %u", f->exec_id);
+        return;
+    }
+    if (!e->tty) {
+        send_error(id, E_BAD_PAYLOAD, 0, "exec %u has no tty", f->exec_id);
+        return;
+    }
+    if (!f->rows || !f->cols || f->rows > 0xffff || f->cols > 0xffff) {
+        send_error(id, E_BAD_PAYLOAD, 0, "bad window size %ux%u", f->rows, f->cols);
+        return;
+    }
+    struct winsize ws = {.ws_row = (unsigned short)f->rows, .ws_col = (unsigned short)f->cols};
+    if (e->in_fd >= 0 && ioctl(e->in_fd, TIOCSWINSZ, &ws) < 0) {
+        int err = errno;
+        send_error(id, E_OS, err, "TIOCSWINSZ: %s", strerror(err));
+        return;
+    }
+    tb_reset();
+    tb_send(T_OK, id);
+}
+
 static int write_all(int fd, const uint8_t *p, size_t n, uint64_t off)
 {
     while (n) {
@@ -1203,7 +1231,7 @@ static void handle_frame(uint8_t type, uint16_t flags, uint32_t id, const uint8_
         host_attached();
         return;
     }
-    if (type < T_PING || type > T_SHUTDOWN) {
+    if (type < T_PING || type > T_RESIZE) {
         send_error(id, E_BAD_TYPE, 0, "unknown frame type 0x%02x", type);
         return;
     }
@@ -1237,6 +1265,7 @@ static void handle_frame(uint8_t type, uint16_t flags, uint32_t id, const uint8_
         do_online(id, "devices/system/memory", "memory", "state", "offline", "online");
         break;
     case T_SHUTDOWN: do_shutdown(id); break;
+    case T_RESIZE: do_resize(id, &f); break;
     default: break;
     }
     fields_free(&f);
