@@ -1,30 +1,41 @@
-"""virtcontainers: lightweight VM sandboxes through one hypervisor interface."""
+"""virtcontainers: lightweight VM sandboxes through one hypervisor interface.
 
-from virtcontainers.config import HypervisorConfig, Param
-from virtcontainers.errors import (
-    AgentError,
-    AnnotationError,
-    ApiError,
-    AssetError,
-    ConfigError,
-    HypervisorError,
-    HypervisorTimeout,
-    LaunchError,
-    StateError,
-    StoreError,
-    UnsupportedError,
-    VirtContainersError,
-)
-from virtcontainers.hypervisor import (
-    Capabilities,
-    Capability,
-    Hypervisor,
-    HypervisorType,
-    VmState,
-    new_hypervisor,
-)
-from virtcontainers.sandbox import Sandbox, SandboxInfo
-from virtcontainers.sync import SyncSandbox
+The public names below are imported on first use (PEP 562): ``import virtcontainers`` and
+every ``vc`` command that needs only a part of the package (``vc ps`` reads the store, ``vc
+exec`` talks to a sandbox server) do not pay for the drivers, the config tree and asyncio.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from virtcontainers.config import HypervisorConfig, Param
+    from virtcontainers.errors import (
+        AgentError,
+        AnnotationError,
+        ApiError,
+        AssetError,
+        ConfigError,
+        HypervisorError,
+        HypervisorTimeout,
+        LaunchError,
+        StateError,
+        StoreError,
+        UnsupportedError,
+        VirtContainersError,
+    )
+    from virtcontainers.hypervisor import (
+        Capabilities,
+        Capability,
+        Hypervisor,
+        HypervisorType,
+        VmState,
+        new_hypervisor,
+    )
+    from virtcontainers.sandbox import Sandbox, SandboxInfo
+    from virtcontainers.sync import SyncSandbox
 
 __version__ = "0.1.0"
 
@@ -54,3 +65,32 @@ __all__ = [
     "__version__",
     "new_hypervisor",
 ]
+
+_HOMES = {
+    "virtcontainers.config": ("HypervisorConfig", "Param"),
+    "virtcontainers.errors": (
+        "AgentError", "AnnotationError", "ApiError", "AssetError", "ConfigError",
+        "HypervisorError", "HypervisorTimeout", "LaunchError", "StateError", "StoreError",
+        "UnsupportedError", "VirtContainersError",
+    ),
+    "virtcontainers.hypervisor": (
+        "Capabilities", "Capability", "Hypervisor", "HypervisorType", "VmState",
+        "new_hypervisor",
+    ),
+    "virtcontainers.sandbox": ("Sandbox", "SandboxInfo"),
+    "virtcontainers.sync": ("SyncSandbox",),
+}  # fmt: skip
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'virtcontainers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -213,9 +213,7 @@ def vcpu_threads(pid: int, comm: re.Pattern[str]) -> dict[int, int]:
 def process_matches(pid: int, needle: str) -> bool:
     """True when ``pid`` is alive and ``needle`` is one of its argv words or inside one
     (guards against signalling a recycled pid when reattaching)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    raw = needle.encode()
-    return any(raw in arg for arg in argv)
+    # The implementation lives in procfs, which `vc ps` can import without asyncio.
+    from virtcontainers import procfs
+
+    return procfs.process_matches(pid, needle)

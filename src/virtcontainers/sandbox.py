@@ -5,9 +5,13 @@ directory is also the VM's run dir (sockets, console.log). So any process can li
 exec into it and stop it, including after the process that started it has died:
 :meth:`Sandbox.attach` rebuilds the driver from the record and reconnects.
 
-Connections are taken lazily and given back: the VMM's control socket and the agent's
-channel serve one client at a time, so a process that only runs ``exec`` never holds QMP,
-and a detached starter (``vc start``'s shim) keeps neither.
+A sandbox runs either in this process (``start()``: this process holds the VMM, its
+control socket, the agent channel and the console) or in its own sandbox server
+(``start(server=True)``, see :mod:`virtcontainers.server`): then this object, and every
+``Sandbox.attach`` of it in any process, is a client of that server, which serializes control
+operations and multiplexes execs from all clients. When a server's socket answers, ``attach``
+uses it; when none does (no server, or it died), the record is used directly (reattach:
+the recovery path).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from virtcontainers.agent.client import AgentClient, ExecProcess, ExecResult
 from virtcontainers.config import HypervisorConfig
@@ -41,9 +46,14 @@ from virtcontainers.devices import (
 from virtcontainers.errors import AgentError, HypervisorError, StateError, StoreError
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
+from virtcontainers.listing import SandboxInfo, _append_json, _info, list_sandboxes
 from virtcontainers.persist.hypervisor_state import HypervisorState
 from virtcontainers.persist.store import SandboxDocument, StateStore
 from virtcontainers.process import VmmProcess, process_matches
+
+if TYPE_CHECKING:
+    from virtcontainers.server.client import ServerClient
+    from virtcontainers.server.spawn import ServerProcess
 
 __all__ = ["Sandbox", "SandboxInfo"]
 
@@ -53,21 +63,6 @@ log = logging.getLogger(__name__)
 AGENT_READY_TIMEOUT = 60.0
 #: Linux's memory block size on x86_64: hot-plugged memory is added in these units.
 MEMORY_BLOCK_MB = 128
-
-
-@dataclass(frozen=True)
-class SandboxInfo:
-    """What ``vc ps`` shows. ``state`` is checked against the live process, not just read."""
-
-    id: str
-    state: str
-    hypervisor: str
-    pid: int
-    created_at: float
-    run_dir: str
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -89,6 +84,13 @@ class Sandbox:
         self._hv: Hypervisor | None = None
         self._agent: AgentClient | None = None
         self._devices: list[ColdPlugDevice] = []
+        # -- the sandbox server (virtcontainers.server) --
+        self._remote: ServerClient | None = None
+        self._server_proc: ServerProcess | None = None
+        #: False inside the server itself (it *is* the server) and for in-process use.
+        self.use_server = True
+        #: The server's own agent connections come from its relay, not the channel.
+        self.agent_source: Callable[[], Awaitable[AgentClient]] | None = None
 
     # -- construction -----------------------------------------------------------------
 
@@ -152,16 +154,7 @@ class Sandbox:
     @staticmethod
     def list(store: StateStore | None = None) -> list[SandboxInfo]:
         """Every recorded sandbox, with its state checked against the live VMM process."""
-        store = store or StateStore()
-        out = []
-        for sandbox_id in store.list():
-            try:
-                doc = store.load(sandbox_id)
-            except StoreError as exc:
-                log.warning("skipping sandbox %s: %s", sandbox_id, exc)
-                continue
-            out.append(_info(doc))
-        return out
+        return list_sandboxes(store)
 
     # -- properties -------------------------------------------------------------------
 
@@ -181,6 +174,12 @@ class Sandbox:
         return _info(self._doc)
 
     @property
+    def agent_channel(self) -> Mapping[str, object]:
+        """The recorded agent channel (``{"kind": "serial", "path": ...}``; empty before
+        the VM started)."""
+        return self._doc.agent
+
+    @property
     def hypervisor(self) -> Hypervisor:
         """The driver, once the sandbox was started or reattached in this process."""
         if self._hv is None:
@@ -189,18 +188,45 @@ class Sandbox:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self, timeout: float = AGENT_READY_TIMEOUT, *, detach: bool = False) -> None:
+    async def start(
+        self,
+        timeout: float = AGENT_READY_TIMEOUT,
+        *,
+        detach: bool = False,
+        server: bool = False,
+        ephemeral: bool = False,
+    ) -> None:
         """Boot the VM and wait until the guest agent answers.
 
-        ``detach``: afterwards give back the VMM control socket and the agent channel, so
-        other processes can use them (the console stays logged by this process).
+        ``server``: boot it in its own sandbox server process, which then owns the VM for its
+        whole life and serves this and every other client; ``ephemeral`` ties the sandbox to
+        this process: when it exits (even killed), the server stops and removes the sandbox.
+        Without ``server`` the VM is this process's. ``detach`` (in-process only): afterwards
+        give back the VMM control socket and the agent channel.
 
         Raises:
             StateError: not in the created state. ConfigError / LaunchError /
             HypervisorTimeout: the VM could not boot. AgentError: no agent answer in time.
         """
+        if server and self.info().server == "dead":
+            # The VM outlived its server: a new server adopts it (the recovery path).
+            from virtcontainers.server.spawn import start_server
+
+            self._server_proc = await start_server(
+                self.id, self._store, timeout=timeout, ephemeral=ephemeral, adopt=True
+            )
+            self.reload()
+            return
         if self._doc.state != VmState.CREATED.value:
             raise StateError("start", self._doc.state, [VmState.CREATED.value])
+        if server:
+            from virtcontainers.server.spawn import start_server
+
+            self._server_proc = await start_server(
+                self.id, self._store, timeout=timeout, ephemeral=ephemeral
+            )
+            self.reload()
+            return
         deadline = time.monotonic() + timeout
         hv = _new_hypervisor(self._doc.hypervisor_type)
         hv.set_sandbox(_Context(self.id, self.run_dir))
@@ -220,6 +246,18 @@ class Sandbox:
             raise
         if detach:
             await self._release()
+
+    async def adopt(self, timeout: float = 10.0) -> None:
+        """Take over a running VM whose owner (a sandbox server) died: reattach to its VMM
+        (control socket and console) and its agent, which then answers this process.
+
+        Raises:
+            StateError: the VM is not running or paused. HypervisorError: the VMM is gone.
+            AgentError: the agent does not answer within ``timeout``.
+        """
+        await self._control()
+        agent = await self._connect_agent(timeout=timeout)
+        await agent.ping(timeout=timeout)
 
     async def _wait_for_agent(self, deadline: float, timeout: float) -> None:
         while True:
@@ -242,6 +280,10 @@ class Sandbox:
         VMM to exit, so disks are flushed and the console log is complete; if the agent does
         not answer, the VMM is stopped. ``wait_only=False``: stop the VMM directly.
         """
+        if (remote := await self._server()) is not None:
+            await remote.call("stop", timeout=120.0, wait_only=wait_only)
+            await self._server_gone()
+            return
         if self._doc.state in (VmState.STOPPED.value, VmState.CREATED.value):
             self._save(VmState.STOPPED)
             return
@@ -268,15 +310,27 @@ class Sandbox:
 
     async def remove(self) -> None:
         """Stop if needed, then delete the sandbox's record, logs and run dir."""
+        if (remote := await self._server()) is not None:
+            await remote.call("remove", timeout=120.0)
+            await self._server_gone(removed=True)
+            return
         if self._doc.state in (VmState.RUNNING.value, VmState.PAUSED.value):
             await self.stop()
         self._store.delete(self.id)
 
     async def pause(self) -> None:
+        if (remote := await self._server()) is not None:
+            await remote.call("pause")
+            self.reload()
+            return
         await (await self._control()).pause_sandbox()
         self._save(VmState.PAUSED)
 
     async def resume(self) -> None:
+        if (remote := await self._server()) is not None:
+            await remote.call("resume")
+            self.reload()
+            return
         await (await self._control()).resume_sandbox()
         self._save(VmState.RUNNING)
 
@@ -316,13 +370,32 @@ class Sandbox:
         uid: int | None = None,
         gid: int | None = None,
         timeout: float | None = None,
+        tty_size: tuple[int, int] | None = None,
+        detach: bool = False,
     ) -> ExecProcess:
         """Start ``argv``; iterate the result for ``(stream, bytes)`` as output comes, write
-        its stdin with ``write_stdin``, and ``wait()`` for its exit status."""
+        its stdin with ``write_stdin``, and ``wait()`` for its exit status.
+
+        ``tty_size``: (rows, cols) of the pty. ``detach``: the process outlives this client
+        (needs a sandbox server, which keeps its output for a later ``attach``).
+
+        Raises:
+            AgentError: the agent is unreachable or refused. StateError: ``detach`` without
+                a sandbox server.
+        """
         agent = await self._connect_agent()
+        extra: list[tuple[int, bytes]] = []
+        if detach:
+            if agent is not self._remote:
+                raise StateError("start a detached process", self._doc.state,
+                                 ["running in a sandbox server (vc start, vc run)"])  # fmt: skip
+            from virtcontainers.agent.protocol import Tag, tlv
+
+            extra.append(tlv(Tag.KEEP, 1, 1))
         return await agent.exec_stream(
-            list(argv), env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout
-        )
+            list(argv), env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout,
+            tty_size=tty_size, extra_items=extra,
+        )  # fmt: skip
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         await (await self._connect_agent()).write_file(path, data, mode)
@@ -341,6 +414,12 @@ class Sandbox:
 
     async def hotplug(self, device: HotplugDevice) -> HotplugDevice:
         """Plug a device into the running VM; CPUs and memory are onlined in the guest."""
+        if (remote := await self._server()) is not None:
+            data = await remote.call("hotplug", timeout=120.0, device=_device_to_dict(device))
+            self.reload()
+            if not isinstance(data, dict):
+                raise AgentError(f"malformed hotplug reply {data!r}")
+            return _hotplug_from_dict(data)
         hv = await self._control()
         before = await self._guest_cpus() if isinstance(device, CpuDevice) else 0
         plugged = await hv.hotplug_add_device(device)
@@ -349,10 +428,24 @@ class Sandbox:
         if isinstance(plugged, MemoryDevice) and plugged.size_mb:
             await self._online_memory(plugged.size_mb // MEMORY_BLOCK_MB)
         self._save(VmState(self._doc.state))
+        if not isinstance(plugged, CpuDevice | MemoryDevice):
+            entry = json.dumps(_device_to_dict(plugged))
+            self._doc = self._store.update(
+                self.id,
+                lambda d: dataclasses.replace(
+                    d, extra={**d.extra, "hotplugged": _append_json(d.extra, entry)}
+                ),
+            )
         return plugged
 
     async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
         """Returns (before, after); new vCPUs are onlined in the guest."""
+        if (remote := await self._server()) is not None:
+            pair = await remote.call("resize_vcpus", timeout=120.0, vcpus=vcpus)
+            self.reload()
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise AgentError(f"malformed resize reply {pair!r}")
+            return int(pair[0]), int(pair[1])
         old, new = await (await self._control()).resize_vcpus(vcpus)
         if new > old:
             await self._online_cpus(new)
@@ -361,6 +454,10 @@ class Sandbox:
 
     async def resize_memory(self, mem_mb: int) -> int:
         """Grow the guest to ``mem_mb`` MiB (in 128 MiB blocks, onlined); returns the size."""
+        if (remote := await self._server()) is not None:
+            size = await remote.call("resize_memory", timeout=120.0, mem_mb=mem_mb)
+            self.reload()
+            return int(str(size))
         new, dimm = await (await self._control()).resize_memory(mem_mb, MEMORY_BLOCK_MB, False)
         if dimm.size_mb:
             await self._online_memory(dimm.size_mb // MEMORY_BLOCK_MB)
@@ -420,22 +517,70 @@ class Sandbox:
     async def _connect_agent(self, timeout: float = 30.0) -> AgentClient:
         if self._agent is not None:
             return self._agent
-        channel = self._doc.agent
-        kind = channel.get("kind")
-        if kind == "serial":
-            agent = await AgentClient.connect_unix(str(channel["path"]), timeout=timeout)
-        elif kind == "hybrid-vsock":
-            agent = await AgentClient.connect_hybrid_vsock(
-                str(channel["path"]), int(str(channel["port"])), timeout=timeout
-            )
-        elif kind == "vsock":
-            agent = await AgentClient.connect_vsock(
-                int(str(channel["cid"])), int(str(channel["port"])), timeout=timeout
-            )
-        else:
+        if self.agent_source is not None:
+            self._agent = await self.agent_source()
+            return self._agent
+        if (remote := await self._server()) is not None:
+            return remote
+        if not self._doc.agent:
             raise AgentError(f"sandbox {self.id} has no agent channel (state {self._doc.state})")
+        from virtcontainers.agent.transport import connect_channel
+
+        (reader, writer), resync = await connect_channel(self._doc.agent, timeout=timeout)
+        agent = AgentClient(reader, writer, timeout=timeout, resync=resync)
+        await agent.__aenter__()
         self._agent = agent
         return agent
+
+    async def _server(self) -> ServerClient | None:
+        """A connection to this sandbox's server when one answers (None: use the VM directly,
+        in this process, or as the recovery path after the server died)."""
+        if self._remote is not None:
+            return self._remote
+        if not self.use_server:
+            return None
+        from virtcontainers.server.client import ServerClient, socket_path
+
+        if not socket_path(self.run_dir).exists():
+            return None
+        try:
+            self._remote = await ServerClient.connect(self.run_dir)
+        except AgentError:
+            return None  # a socket left by a dead server
+        return self._remote
+
+    async def server_client(self) -> ServerClient:
+        """The connection to this sandbox's server, for its own ops (``processes``,
+        ``attach``, ``kill``, ``resize_tty``).
+
+        Raises:
+            StateError: no server runs this sandbox.
+        """
+        remote = await self._server()
+        if remote is None:
+            state = self.info().state
+            raise StateError("talk to the sandbox server", f"{state} without a server",
+                             ["running in a sandbox server (vc start, vc run)"])  # fmt: skip
+        return remote
+
+    async def _server_gone(self, *, removed: bool = False) -> None:
+        """After a stop/remove through the server: wait until it has exited (so the console
+        log is complete and no process remains), then drop the connection."""
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            await remote.close()
+        proc, self._server_proc = self._server_proc, None
+        if proc is not None:
+            await proc.wait(30.0)
+        else:
+            await self._wait_for_owner(30.0)
+        if not removed:
+            self.reload()
+
+    def reload(self) -> None:
+        """Re-read the record (a server or another process changed it)."""
+        with contextlib.suppress(StoreError):
+            self._doc = self._store.load(self.id)
 
     async def _drop_agent(self) -> None:
         agent, self._agent = self._agent, None
@@ -449,9 +594,13 @@ class Sandbox:
             await self._hv.disconnect()
 
     async def close(self) -> None:
-        """Release this process's connections; the sandbox keeps running."""
+        """Release this process's connections; the sandbox keeps running (unless it is
+        ephemeral: then it ends with this process)."""
         await self._release()
         self._hv = None
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            await remote.close()
 
     async def _wait_for_owner(self, timeout: float = 10.0) -> None:
         """Wait for a detached owner (the shim logging the console) to finish writing."""
@@ -504,23 +653,6 @@ class Sandbox:
         await self.remove()
 
 
-def _info(doc: SandboxDocument) -> SandboxInfo:
-    state = doc.state
-    pid = doc.hypervisor.pid
-    if state in (VmState.RUNNING.value, VmState.PAUSED.value) and not (
-        pid and process_matches(pid, doc.hypervisor.run_dir)
-    ):
-        state = "exited"
-    return SandboxInfo(
-        id=doc.id,
-        state=state,
-        hypervisor=doc.hypervisor_type,
-        pid=pid if state != "exited" else 0,
-        created_at=doc.created_at,
-        run_dir=doc.hypervisor.run_dir,
-    )
-
-
 def _count_cpu_list(text: str) -> int:
     """How many CPUs a sysfs list like ``0-2,4`` names."""
     count = 0
@@ -542,7 +674,7 @@ def _channel_to_dict(channel: AgentSocket) -> dict[str, object]:
             return {"kind": "vsock", "cid": channel.context_id, "port": channel.port}
 
 
-def _device_to_dict(device: ColdPlugDevice) -> dict[str, object]:
+def _device_to_dict(device: ColdPlugDevice | HotplugDevice) -> dict[str, object]:
     return {"type": type(device).__name__, **dataclasses.asdict(device)}
 
 
@@ -552,6 +684,21 @@ def _device_from_dict(data: dict[str, object]) -> ColdPlugDevice:
     fields = dict(data)
     cls = getattr(devices, str(fields.pop("type")))
     device: ColdPlugDevice = cls(**fields)
+    return device
+
+
+def _hotplug_from_dict(data: dict[str, object]) -> HotplugDevice:
+    from virtcontainers import devices
+    from virtcontainers.errors import ConfigError
+
+    fields = dict(data)
+    cls = getattr(devices, str(fields.pop("type")), None)
+    allowed = (devices.BlockDrive, devices.NetDevice, devices.CpuDevice, devices.MemoryDevice,
+               devices.VfioDevice, devices.VhostUserDevice)  # fmt: skip
+    if cls not in allowed:
+        raise ConfigError(f"{data.get('type')!r} cannot be hot-plugged",
+                          field="device.type", allowed=[c.__name__ for c in allowed])  # fmt: skip
+    device: HotplugDevice = cls(**fields)
     return device
 
 

@@ -45,9 +45,10 @@ class _LoopThread:
 class SyncSandbox:
     """Blocking twin of :class:`Sandbox`: same methods, same errors."""
 
-    def __init__(self, loop: _LoopThread, sandbox: Sandbox) -> None:
+    def __init__(self, loop: _LoopThread, sandbox: Sandbox, *, server: bool = False) -> None:
         self._loop = loop
         self._sandbox = sandbox
+        self._server = server
 
     @classmethod
     def create(
@@ -58,7 +59,10 @@ class SyncSandbox:
         hypervisor: HypervisorType | str = HypervisorType.QEMU,
         devices: Sequence[ColdPlugDevice] = (),
         store: StateStore | None = None,
+        server: bool = False,
     ) -> SyncSandbox:
+        """Record a new sandbox; ``server``: ``with`` starts it in an ephemeral sandbox
+        server (removed when this process ends, however it ends) instead of in-process."""
         loop = _LoopThread()
         try:
             sandbox = loop.run(
@@ -67,7 +71,7 @@ class SyncSandbox:
         except BaseException:
             loop.close()
             raise
-        return cls(loop, sandbox)
+        return cls(loop, sandbox, server=server)
 
     @classmethod
     def attach(cls, id: str, *, store: StateStore | None = None) -> SyncSandbox:
@@ -86,8 +90,11 @@ class SyncSandbox:
     def info(self) -> SandboxInfo:
         return self._sandbox.info()
 
-    def start(self, timeout: float = 60.0) -> None:
-        self._loop.run(self._sandbox.start(timeout))
+    def start(
+        self, timeout: float = 60.0, *, server: bool = False, ephemeral: bool = False
+    ) -> None:
+        """See :meth:`Sandbox.start`."""
+        self._loop.run(self._sandbox.start(timeout, server=server, ephemeral=ephemeral))
 
     def exec(
         self,
@@ -145,7 +152,7 @@ class SyncSandbox:
 
     def __enter__(self) -> SyncSandbox:
         if self.info().state == "created":
-            self.start()
+            self.start(server=self._server, ephemeral=self._server)
         return self
 
     def __exit__(

@@ -1,4 +1,8 @@
-"""The root ``vc`` command. Each sub-command lives in its own module and registers here."""
+"""The root ``vc`` command. Each sub-command lives in its own module and registers here.
+
+Only the module of the command being run is imported (see :func:`_register`), and those
+modules import what they need inside the command: `vc ps` and `vc exec` must start fast.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import logging
 import sys
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from virtcontainers import errors
 from virtcontainers.errors import VirtContainersError
@@ -19,8 +21,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err_console = Console(stderr=True)
 _debug = False
+
+#: Which module defines each command; a name not listed (or --help) imports them all.
+_COMMAND_MODULES = {
+    "check": "check",
+    "image": "image",
+    "run": "run",
+    **{
+        name: "sandboxes"
+        for name in (
+            "create", "start", "exec", "cp", "ps", "logs", "pause", "resume", "hotplug",
+            "resize", "stop", "rm", "top", "attach", "kill",
+        )
+    },
+}  # fmt: skip
+_ALL_MODULES = ("check", "image", "run", "sandboxes")
 
 
 @app.callback()
@@ -35,19 +51,38 @@ def _root(
     )
 
 
-def _register() -> None:
-    # Imported for their side effect of adding commands to ``app``.
-    from virtcontainers.cli import check, image, run, sandboxes  # noqa: F401
+def _register(argv: list[str]) -> None:
+    """Import the command modules (for their side effect of adding commands to ``app``):
+    only the one that defines the command in ``argv`` when that is known."""
+    import importlib
+
+    words = [a for a in argv if not a.startswith("-")]
+    wanted = _COMMAND_MODULES.get(words[0]) if words else None
+    for module in (wanted,) if wanted else _ALL_MODULES:
+        importlib.import_module(f"virtcontainers.cli.{module}")
+    if wanted:
+        # typer inspects every registered command's parameters on each run; keep just the
+        # one being run (`vc ps` then costs one signature, not fifteen).
+        app.registered_commands = [c for c in app.registered_commands if _name(c) == words[0]]
+
+
+def _name(command: typer.models.CommandInfo) -> str:
+    """The name typer gives a command: its own, or the function's with dashes."""
+    return command.name or (command.callback.__name__ if command.callback else "").replace("_", "-")
 
 
 def main() -> None:
     """Entry point: one readable error line and a non-zero exit code, tracebacks with --debug."""
-    _register()
+    _register(sys.argv[1:])
     try:
         app()
     except VirtContainersError as exc:
         if _debug:
             raise
+        from rich.console import Console
+        from rich.markup import escape
+
+        err_console = Console(stderr=True)
         # Name the public error class (the tree in errors.py), not a private subclass.
         kind = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in errors.__all__)
         err_console.print(

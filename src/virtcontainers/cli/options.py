@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from virtcontainers.config import HypervisorConfig
-from virtcontainers.devices import ColdPlugDevice, FsShare
 from virtcontainers.errors import ConfigError
-from virtcontainers.guest.image import find_image
+
+if TYPE_CHECKING:  # imported where used: `vc ps`/`vc exec` import this module too
+    from virtcontainers.config import HypervisorConfig
+    from virtcontainers.devices import ColdPlugDevice
 
 Hypervisor = Annotated[
     str, typer.Option("--hypervisor", help="Driver: qemu, firecracker, clh, acrn or mock.")
@@ -56,6 +57,9 @@ def build_config(
     Raises:
         ConfigError: no image built and no --kernel given, or contradictory options.
     """
+    from virtcontainers.config import HypervisorConfig
+    from virtcontainers.guest.image import find_image
+
     config = HypervisorConfig()
     if kernel is None or (initrd is None and image is None):
         built = find_image(flavour)
@@ -81,6 +85,8 @@ def build_config(
 
 def share_devices(shares: list[str] | None) -> list[ColdPlugDevice]:
     """``HOST_DIR[:TAG]`` options as 9p shares (tag defaults to the directory's name)."""
+    from virtcontainers.devices import FsShare
+
     devices: list[ColdPlugDevice] = []
     for spec in shares or []:
         host, _, tag = spec.partition(":")

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from virtcontainers.cli import options
 from virtcontainers.cli.app import app
-from virtcontainers.cli.streams import stream_exec
-from virtcontainers.config import HypervisorConfig
-from virtcontainers.devices import ColdPlugDevice
-from virtcontainers.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from virtcontainers.config import HypervisorConfig
+    from virtcontainers.devices import ColdPlugDevice
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -58,6 +58,13 @@ async def _run(
     devices: list[ColdPlugDevice],
     argv: list[str],
 ) -> int:
+    from virtcontainers.cli.streams import stream_exec
+    from virtcontainers.sandbox import Sandbox
+
     sandbox = await Sandbox.create(config, hypervisor=hypervisor, devices=devices)
-    async with sandbox:
+    try:
+        # Ephemeral: the server removes the sandbox when this process ends, even by SIGKILL.
+        await sandbox.start(server=True, ephemeral=True)
         return await stream_exec(sandbox, argv)
+    finally:
+        await sandbox.remove()

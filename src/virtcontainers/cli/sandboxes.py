@@ -1,44 +1,51 @@
-"""Sandbox commands: create, start, exec, cp, ps, logs, pause, resume, hotplug, resize, stop, rm.
+"""Sandbox commands: create, start, exec, cp, ps, logs, pause, resume, hotplug, resize, stop,
+rm, and for processes in a sandbox: top, attach, kill.
 
 Each is a thin call into :class:`virtcontainers.sandbox.Sandbox`; sandboxes live in the state
-store, so any of them works from a new shell on a sandbox another process started.
+store, so any of them works from a new shell on a sandbox another process started. A running
+sandbox's commands go to its server; when the server is gone, the record is used directly.
+
+Imports are made inside the commands: `vc ps` and `vc exec` must not pay for the drivers,
+configs or rich (see bench/cli.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import secrets
-import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from virtcontainers.cli import options
 from virtcontainers.cli.app import app
-from virtcontainers.cli.streams import stream_exec
-from virtcontainers.devices import BlockDrive
-from virtcontainers.errors import ConfigError, HypervisorTimeout, LaunchError
-from virtcontainers.persist.store import StateStore
-from virtcontainers.sandbox import Sandbox
+from virtcontainers.errors import ConfigError
 
+if TYPE_CHECKING:
+    from virtcontainers.sandbox import Sandbox
+    from virtcontainers.server.client import ServerClient
+
+T = TypeVar("T")
 SandboxId = Annotated[str, typer.Argument(help="The sandbox id (see `vc ps`).")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-out = Console()
 
 
 def _emit(data: object, as_json: bool, human: str) -> None:
     if as_json:
         print(json.dumps(data, indent=2))
     else:
-        out.print(human, highlight=False)
+        from rich.console import Console
+
+        Console().print(human, highlight=False)
+
+
+def _run(coro: Coroutine[object, object, T]) -> T:
+    import asyncio
+
+    return asyncio.run(coro)
 
 
 @app.command()
@@ -60,7 +67,9 @@ def create(
         cpus=cpus, max_cpus=max_cpus, memory=memory, kernel=kernel, initrd=initrd,
         image=image, flavour=flavour,
     )  # fmt: skip
-    sandbox = asyncio.run(
+    from virtcontainers.sandbox import Sandbox
+
+    sandbox = _run(
         Sandbox.create(config, id=name, hypervisor=hypervisor, devices=options.share_devices(share))
     )
     _emit(sandbox.info().to_dict(), as_json, sandbox.id)
@@ -74,44 +83,22 @@ def start(
 ) -> None:
     """Boot a created sandbox in the background; returns once its guest agent answers.
 
-    A small shim process (`python -m virtcontainers.shim`) keeps logging the console until
-    the VM ends; `vc logs ID` shows it.
+    The sandbox's server (`python -m virtcontainers.server`) owns the VM from then on and
+    serves every other `vc` command on it; it ends with the VM. On a running sandbox whose
+    server died (`vc ps`: server dead), a new server adopts the VM.
     """
-    store = StateStore()
-    run_dir = store.sandbox_dir(sandbox_id)
-    log_path = run_dir / "shim.log"
-    with open(log_path, "ab") as log:
-        os.chmod(log_path, 0o600)
-        shim = subprocess.Popen(
-            [sys.executable, "-m", "virtcontainers.shim", sandbox_id, "--root", str(store.root)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout + 10
-    while True:
-        info = store.load(sandbox_id)
-        if info.state == "running" and shim.poll() is None and _agent_ready(run_dir):
-            break
-        if info.state == "failed" or shim.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            raise LaunchError(
-                f"sandbox {sandbox_id} failed to start (shim exit code {shim.poll()})",
-                exit_code=shim.poll(),
-                argv=[],
-                log_tail="\n".join(tail),
-            )
-        if time.monotonic() > deadline:
-            raise HypervisorTimeout(f"starting sandbox {sandbox_id}", timeout)
-        time.sleep(0.05)
-    sandbox = asyncio.run(Sandbox.attach(sandbox_id, store=store))
-    _emit(sandbox.info().to_dict(), as_json, f"{sandbox_id} running")
 
+    from virtcontainers.sandbox import Sandbox
 
-def _agent_ready(run_dir: Path) -> bool:
-    # The shim releases the agent channel only after the agent answered a ping.
-    return (run_dir / "shim.ready").exists()
+    async def go() -> dict[str, object]:
+        sandbox = await Sandbox.attach(sandbox_id)
+        try:
+            await sandbox.start(timeout, server=True)
+            return sandbox.info().to_dict()
+        finally:
+            await sandbox.close()
+
+    _emit(_run(go()), as_json, f"{sandbox_id} running")
 
 
 @app.command(name="exec", context_settings={"allow_interspersed_args": False})
@@ -119,22 +106,164 @@ def exec_(
     sandbox_id: SandboxId,
     command: Annotated[list[str], typer.Argument(help="The command to run in the guest.")],
     tty: Annotated[bool, typer.Option("--tty", "-t", help="Allocate a terminal.")] = False,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Forward stdin even from a terminal.")
+    ] = False,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", "-d", help="Start it in the background; print its pid."),
+    ] = False,
 ) -> None:
     """Run COMMAND in a running sandbox; exits with its exit code.
 
-    Example: vc exec 3f2a9c -- ls -l /
+    `-it` gives an interactive terminal (raw mode, window size forwarded, Ctrl-C reaches the
+    guest process). `-d` returns at once with the guest pid: see `vc top`, `vc attach`,
+    `vc kill`.
+
+    Examples: vc exec 3f2a9c -- ls -l /     vc exec -it 3f2a9c sh
     """
 
     argv = command[1:] if command[:1] == ["--"] else command
 
     async def go() -> int:
-        sandbox = await Sandbox.attach(sandbox_id)
-        try:
-            return await stream_exec(sandbox, argv, tty=tty)
-        finally:
-            await sandbox.close()
+        from virtcontainers.cli.streams import follow, terminal_size
 
-    raise typer.Exit(asyncio.run(go()))
+        client = await _server_client(sandbox_id)
+        if client is None:  # no server (it died): reattach directly
+            return await _direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
+                                      detach=detach)  # fmt: skip
+        try:
+            size = terminal_size() if tty else None
+            proc = await client.exec_stream(
+                argv, tty=tty, tty_size=size, keep=detach, no_stdin=detach and not interactive
+            )
+            if detach:
+                print(proc.pid)
+                return 0
+            return await follow(proc, tty=tty, interactive=interactive)
+        finally:
+            await client.close()
+
+    raise typer.Exit(_run(go()))
+
+
+async def _direct_exec(
+    sandbox_id: str, argv: list[str], *, tty: bool, interactive: bool, detach: bool
+) -> int:
+    from virtcontainers.cli.streams import stream_exec
+    from virtcontainers.sandbox import Sandbox
+
+    sandbox = await Sandbox.attach(sandbox_id)
+    try:
+        if detach:
+            await sandbox.exec_stream(argv, detach=True)  # raises: needs a server
+        return await stream_exec(sandbox, argv, tty=tty, interactive=interactive)
+    finally:
+        await sandbox.close()
+
+
+async def _server_client(sandbox_id: str) -> ServerClient | None:
+    """A connection to the sandbox's server, found without loading the sandbox layer."""
+    from virtcontainers.errors import AgentError
+    from virtcontainers.persist.store import StateStore
+    from virtcontainers.server.client import ServerClient, socket_path
+
+    run_dir = StateStore().sandbox_dir(sandbox_id)
+    if not socket_path(run_dir).exists():
+        return None
+    try:
+        return await ServerClient.connect(run_dir)
+    except AgentError:
+        return None
+
+
+async def _require_server(sandbox_id: str) -> ServerClient:
+    client = await _server_client(sandbox_id)
+    if client is None:
+        from virtcontainers.sandbox import Sandbox
+
+        sandbox = await Sandbox.attach(sandbox_id)  # StoreError for an unknown id
+        return await sandbox.server_client()  # StateError: no server
+    return client
+
+
+@app.command()
+def top(sandbox_id: SandboxId, as_json: Json = False) -> None:
+    """List the processes started in the sandbox through its agent (`vc exec`, `vc run`)."""
+
+    async def go() -> object:
+        client = await _require_server(sandbox_id)
+        try:
+            return await client.call("processes")
+        finally:
+            await client.close()
+
+    procs = _run(go())
+    if as_json or not isinstance(procs, list):
+        print(json.dumps(procs, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("PID", "STATE", "TTY", "DETACHED", "ATTACHED", "COMMAND")
+    for p in procs:
+        if p["running"]:
+            state = "running"
+        elif p.get("signal") is not None:
+            state = f"killed ({p['signal']})"
+        else:
+            state = f"exited ({p.get('exit_code')})"
+        table.add_row(str(p["pid"]), state, "yes" if p["tty"] else "", "yes" if p["detached"]
+                      else "", "yes" if p["attached"] else "", " ".join(p["argv"]))  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+def attach(
+    sandbox_id: SandboxId,
+    pid: Annotated[int, typer.Argument(help="The guest pid (see `vc top`).")],
+) -> None:
+    """Reconnect to a process started with `vc exec -d`: its output so far (the latest
+    256 KiB), then live; stdin is forwarded. Exits with its exit code."""
+
+    async def go() -> int:
+        from virtcontainers.cli.streams import follow
+
+        client = await _require_server(sandbox_id)
+        try:
+            procs = await client.call("processes")
+            tty = isinstance(procs, list) and any(p["pid"] == pid and p["tty"] for p in procs)
+            proc = await client.attach(pid)
+            return await follow(proc, tty=tty, interactive=True)
+        finally:
+            await client.close()
+
+    raise typer.Exit(_run(go()))
+
+
+@app.command()
+def kill(
+    sandbox_id: SandboxId,
+    pid: Annotated[int, typer.Argument(help="The guest pid (see `vc top`).")],
+    sig: Annotated[str, typer.Argument(metavar="SIGNAL", help="Name or number.")] = "TERM",
+) -> None:
+    """Send SIGNAL (default TERM) to a guest process started through the agent."""
+    import signal
+
+    name = sig.upper().removeprefix("SIG")
+    try:
+        number = int(name) if name.isdigit() else int(signal.Signals[f"SIG{name}"])
+    except KeyError:
+        raise ConfigError(f"unknown signal {sig!r}", field="SIGNAL") from None
+
+    async def go() -> object:
+        client = await _require_server(sandbox_id)
+        try:
+            return await client.call("kill", pid=pid, signal=number)
+        finally:
+            await client.close()
+
+    _run(go())
 
 
 @app.command()
@@ -164,15 +293,21 @@ def cp(
 @app.command()
 def ps(as_json: Json = False) -> None:
     """List sandboxes and their state (checked against the live VMM process)."""
-    infos = Sandbox.list()
+    from virtcontainers.listing import list_sandboxes
+
+    infos = list_sandboxes()
     if as_json:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("ID", "STATE", "HYPERVISOR", "PID", "CREATED")
     for i in infos:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_at))
-        table.add_row(i.id, i.state, i.hypervisor, str(i.pid or "-"), created)
-    out.print(table)
+        state = f"{i.state} (server dead)" if i.server == "dead" else i.state
+        table.add_row(i.id, state, i.hypervisor, str(i.pid or "-"), created)
+    Console().print(table)
 
 
 @app.command()
@@ -183,7 +318,9 @@ def logs(
     ] = False,
 ) -> None:
     """Print the guest console (kernel, init and agent messages)."""
-    sandbox = asyncio.run(Sandbox.attach(sandbox_id))
+    from virtcontainers.sandbox import Sandbox
+
+    sandbox = _run(Sandbox.attach(sandbox_id))
     path = sandbox.run_dir / "console.log"
     offset = 0
     while True:
@@ -193,7 +330,7 @@ def logs(
         offset += len(data)
         if not follow or sandbox.info().state not in ("running", "paused"):
             return
-        sandbox = asyncio.run(Sandbox.attach(sandbox_id))
+        sandbox = _run(Sandbox.attach(sandbox_id))
         time.sleep(0.2)
 
 
@@ -217,6 +354,10 @@ def hotplug(
     as_json: Json = False,
 ) -> None:
     """Plug a disk into a running sandbox (it appears as /dev/vdX in the guest)."""
+    import secrets
+
+    from virtcontainers.devices import BlockDrive
+
     drive = BlockDrive(
         file=str(disk.resolve()), id=f"disk-{secrets.token_hex(3)}", read_only=read_only
     )
@@ -279,6 +420,8 @@ def rm(
 
 
 def _with_sandbox(sandbox_id: str, action: Callable[[Sandbox], Awaitable[None]]) -> None:
+    from virtcontainers.sandbox import Sandbox
+
     async def go() -> None:
         sandbox = await Sandbox.attach(sandbox_id)
         try:
@@ -286,4 +429,4 @@ def _with_sandbox(sandbox_id: str, action: Callable[[Sandbox], Awaitable[None]])
         finally:
             await sandbox.close()
 
-    asyncio.run(go())
+    _run(go())

@@ -166,8 +166,14 @@ class Template:
         store: StateStore | None = None,
         timeout: float = 60.0,
         sync_guest: bool = True,
+        server: bool = False,
+        ephemeral: bool = False,
     ) -> Sandbox:
         """A started sandbox restored from this template.
+
+        ``server``: the clone runs in its own sandbox server (the restore happens there) and
+        the returned ``Sandbox`` is its client, like ``Sandbox.start(server=True)``;
+        ``ephemeral`` ties it to this process.
 
         After resume (``sync_guest``): random bytes from the host are written into the
         guest's ``/dev/urandom`` (mixed into the pool; the agent cannot credit entropy) and
@@ -182,7 +188,7 @@ class Template:
             self.clone_config(), id=id, hypervisor=HypervisorType.QEMU, store=store
         )
         try:
-            await sb.start(timeout)
+            await sb.start(timeout, server=server, ephemeral=ephemeral)
             if sync_guest:
                 await sync_clone(sb)
             if vcpus is not None and vcpus > self.config.resources.num_vcpus:
