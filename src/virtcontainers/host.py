@@ -72,6 +72,14 @@ _UNKNOWN_VMM_ARCHES = frozenset({"aarch64", "arm64", "ppc64le", "s390x"})
 # --------------------------------------------------------------------------- /proc parsing
 
 
+def _read_text(path: Path) -> str:
+    """A /proc file's text. Raises VirtContainersError naming the file when unreadable."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise VirtContainersError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
 def host_memory_kib(meminfo: Path = PROC_MEMINFO) -> int:
     """Total host memory in KiB, from the ``MemTotal:`` line of ``/proc/meminfo``.
 
@@ -79,11 +87,7 @@ def host_memory_kib(meminfo: Path = PROC_MEMINFO) -> int:
     as in the reference. Raises :class:`VirtContainersError` when the file cannot be read or
     holds no well-formed ``MemTotal`` line.
     """
-    try:
-        text = meminfo.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise VirtContainersError(f"cannot read {meminfo}: {exc.strerror or exc}") from exc
-    for line in text.splitlines():
+    for line in _read_text(meminfo).splitlines():
         parts = line.split()
         # Expected: ["MemTotal:", "1234", "kB"]
         if len(parts) < 3 or parts[0] != "MemTotal:" or parts[2] != "kB":
@@ -117,11 +121,7 @@ def running_on_vmm(cpuinfo: Path = PROC_CPUINFO, machine: str | None = None) -> 
 
 
 def _first_flags_line(cpuinfo: Path) -> frozenset[str] | None:
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise VirtContainersError(f"cannot read {cpuinfo}: {exc.strerror or exc}") from exc
-    for line in text.splitlines():
+    for line in _read_text(cpuinfo).splitlines():
         # Expected: ["flags", ":", ...] or ["flags:", ...]
         fields = line.split()
         if len(fields) < 2 or not fields[0].startswith("flags"):

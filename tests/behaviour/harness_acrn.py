@@ -211,7 +211,8 @@ async def run(name, uuid, opts, knobs, disks, ports):
     monitor = os.path.join(MNGR, f"{{name}}.monitor.{{os.getpid()}}.socket")
     info = os.path.join(MNGR, f"{{name}}.{{os.getpid()}}.json")
     servers = []
-    for port, path, is_console in ports:
+    # The console last: a client that finds it can rely on every other port being served.
+    for port, path, is_console in sorted(ports, key=lambda p: p[2]):
         handler = on_console if is_console else on_port
         servers.append(await asyncio.start_unix_server(handler, path))
         SOCKETS.append(path)

@@ -111,17 +111,12 @@ class ClhApi(RestClient):
             self.answered = True
             return info
 
-        return await poll_until(
-            deadline,
-            ping,
-            abort=abort,
-            interval=_PING_RETRY,
-            on_timeout=lambda: deadline.missed(
-                f"vmm.ping on {self.socket_path} ({last[0] if last else 'no socket'!r})",
-                driver="clh",
-                sandbox_id=self.sandbox_id,
-            ),
-        )
+        def late() -> HypervisorTimeout:
+            why = last[0] if last else "no socket"
+            what = f"vmm.ping on {self.socket_path} ({why!r})"
+            return deadline.missed(what, driver="clh", sandbox_id=self.sandbox_id)
+
+        return await poll_until(deadline, ping, abort=abort, interval=_PING_RETRY, on_timeout=late)
 
     # -- endpoints ----------------------------------------------------------------------
 
