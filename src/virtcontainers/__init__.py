@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         HypervisorError,
         HypervisorTimeout,
         LaunchError,
+        NetworkError,
         StateError,
         StoreError,
         UnsupportedError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
         VmState,
         new_hypervisor,
     )
+    from virtcontainers.network import NetworkMode, NetworkSpec
     from virtcontainers.sandbox import Sandbox, SandboxInfo
     from virtcontainers.sync import SyncSandbox
 
@@ -53,6 +55,9 @@ __all__ = [
     "HypervisorTimeout",
     "HypervisorType",
     "LaunchError",
+    "NetworkError",
+    "NetworkMode",
+    "NetworkSpec",
     "Param",
     "Sandbox",
     "SandboxInfo",
@@ -70,13 +75,15 @@ _HOMES = {
     "virtcontainers.config": ("HypervisorConfig", "Param"),
     "virtcontainers.errors": (
         "AgentError", "AnnotationError", "ApiError", "AssetError", "ConfigError",
-        "HypervisorError", "HypervisorTimeout", "LaunchError", "StateError", "StoreError",
+        "HypervisorError", "HypervisorTimeout", "LaunchError", "NetworkError", "StateError",
+        "StoreError",
         "UnsupportedError", "VirtContainersError",
     ),
     "virtcontainers.hypervisor": (
         "Capabilities", "Capability", "Hypervisor", "HypervisorType", "VmState",
         "new_hypervisor",
     ),
+    "virtcontainers.network": ("NetworkMode", "NetworkSpec"),
     "virtcontainers.sandbox": ("Sandbox", "SandboxInfo"),
     "virtcontainers.sync": ("SyncSandbox",),
 }  # fmt: skip

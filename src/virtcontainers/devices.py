@@ -24,7 +24,9 @@ __all__ = [
     "ImageDevice",
     "MemoryDevice",
     "NetDevice",
+    "PortForward",
     "SerialPort",
+    "UserNetDevice",
     "VSock",
     "VfioDevice",
     "VhostUserDevice",
@@ -80,6 +82,34 @@ class NetDevice:
     tx_rate_limiter_max_rate: int = 0
     #: Filled by the driver on hot-plug.
     pci_path: str = ""
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A published port of a user-mode NIC: ``host_ip:host_port`` on the host reaches the
+    guest's ``guest_port`` (``protocol`` is "tcp" or "udp")."""
+
+    host_ip: str
+    host_port: int
+    guest_port: int
+    protocol: str = "tcp"
+
+
+@dataclass
+class UserNetDevice:
+    """A guest NIC backed by user-mode NAT inside the VMM (QEMU's slirp): no host device,
+    no root. The VMM answers as ``gateway`` (the host) and ``dns`` on ``network``; the guest
+    is ``guest_address``. ``restrict`` cuts the guest off from everything but ``forwards``."""
+
+    kind: ClassVar[DeviceKind] = DeviceKind.NET
+    id: str
+    mac: str
+    network: str = "10.0.2.0/24"
+    gateway: str = "10.0.2.2"
+    dns: str = "10.0.2.3"
+    guest_address: str = "10.0.2.15"
+    forwards: list[PortForward] = field(default_factory=list)
+    restrict: bool = False
 
 
 @dataclass
@@ -190,6 +220,7 @@ ColdPlugDevice = (
     ImageDevice
     | FsShare
     | NetDevice
+    | UserNetDevice
     | BlockDrive
     | SerialPort
     | VSock

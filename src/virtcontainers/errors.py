@@ -13,6 +13,7 @@
     │   ├── UnsupportedError   driver lacks the capability
     │   └── HypervisorTimeout  a deadline passed: which operation, how long
     ├── AgentError             guest agent unreachable or protocol error
+    ├── NetworkError           a host-side network step (ip / nft) failed: argv, stderr
     └── StoreError             state store problems (corrupt document, lock, disk full)
 
 Errors carry data as attributes so callers never parse messages. Backend exceptions
@@ -33,6 +34,7 @@ __all__ = [
     "HypervisorError",
     "HypervisorTimeout",
     "LaunchError",
+    "NetworkError",
     "StateError",
     "StoreError",
     "UnsupportedError",
@@ -180,6 +182,17 @@ class HypervisorTimeout(HypervisorError):
 
 class AgentError(VirtContainersError):
     """The guest agent is unreachable, incompatible, or broke the protocol."""
+
+
+class NetworkError(VirtContainersError):
+    """Setting up or tearing down a sandbox's host-side network failed (an ``ip`` or ``nft``
+    command, or a forwarder): what ran and what it said."""
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), stderr: str = "") -> None:
+        self.argv = list(argv)
+        self.stderr = stderr
+        detail = f": {stderr.strip()}" if stderr.strip() else ""
+        super().__init__(f"{message}{detail}")
 
 
 class StoreError(VirtContainersError):

@@ -56,10 +56,17 @@ class VmmProcess:
         log_path: Path,
         pass_fds: Sequence[int] = (),
         cwd: Path | None = None,
+        netns: str = "",
     ) -> VmmProcess:
         """Start ``argv`` (never through a shell) with stdin from /dev/null and stdout and
         stderr appended to ``log_path`` (created 0600). The VMM gets its own session so a
-        Ctrl-C meant for us never reaches it. Raises OSError when it cannot be executed."""
+        Ctrl-C meant for us never reaches it. Raises OSError when it cannot be executed.
+
+        ``netns``: a network namespace path (``/run/netns/NAME``) to run the VMM in, so it
+        opens its tap by name there. ``nsenter --net`` joins it and execs the VMM (same pid,
+        no shell, no other namespace changed)."""
+        if netns:
+            argv = ["nsenter", f"--net={netns}", "--", *argv]
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(

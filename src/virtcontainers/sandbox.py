@@ -47,6 +47,7 @@ from virtcontainers.errors import AgentError, HypervisorError, StateError, Store
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
 from virtcontainers.listing import SandboxInfo, _append_json, _info, list_sandboxes
+from virtcontainers.network import Attachment, NetworkSpec
 from virtcontainers.persist.hypervisor_state import HypervisorState
 from virtcontainers.persist.store import SandboxDocument, StateStore
 from virtcontainers.process import VmmProcess, process_matches
@@ -103,12 +104,17 @@ class Sandbox:
         hypervisor: HypervisorType | str = HypervisorType.QEMU,
         devices: Sequence[ColdPlugDevice] = (),
         store: StateStore | None = None,
+        network: NetworkSpec | None = None,
     ) -> Sandbox:
         """Record a new sandbox (nothing runs until :meth:`start`).
 
+        ``network``: none by default (only ``lo``); see :class:`virtcontainers.network.NetworkSpec`.
+
         Raises:
-            ConfigError: invalid config or hypervisor type. StoreError: the id is taken or
-                invalid, or the store is unusable.
+            ConfigError: invalid config, hypervisor type or network (a mode the driver lacks,
+                tap without root, a malformed or busy published port, an egress policy the
+                mode cannot enforce). StoreError: the id is taken or invalid, or the store
+                is unusable.
         """
         store = store or StateStore()
         kind = (
@@ -118,6 +124,8 @@ class Sandbox:
         )
         checked = config.copy()
         checked.valid()
+        spec = network or NetworkSpec()
+        Attachment.check(spec, kind.value)
         sandbox_id = id or secrets.token_hex(6)
         run_dir = store.create_sandbox_dir(sandbox_id)
         doc = SandboxDocument(
@@ -129,7 +137,10 @@ class Sandbox:
                 type=kind.value, run_dir=str(run_dir), sandbox_id=sandbox_id
             ),
             config=config_to_dict(config),
-            extra={"devices": json.dumps([_device_to_dict(d) for d in devices])},
+            extra={
+                "devices": json.dumps([_device_to_dict(d) for d in devices]),
+                "network": json.dumps(spec.to_dict()),
+            },
         )
         store.save(sandbox_id, doc)
         sandbox = cls(doc, store)
@@ -231,17 +242,28 @@ class Sandbox:
         hv = _new_hypervisor(self._doc.hypervisor_type)
         hv.set_sandbox(_Context(self.id, self.run_dir))
         self._hv = hv
+        net = self._network()
         try:
-            await hv.create_sandbox(self.id, NetworkNamespace(), self.config)
-            for device in self._devices:
+            # The host side of the network exists before the VMM, which runs inside it.
+            await net.setup()
+            self._save_network(net)
+            config = self.config
+            config.boot.kernel_params += net.kernel_params()
+            netns = NetworkNamespace(path=net.netns_path, network_created=bool(net.netns_path))
+            await hv.create_sandbox(self.id, netns, config)
+            for device in [*self._devices, *net.devices()]:
                 await hv.add_device(device)
             await hv.start_sandbox(timeout)
+            await net.started(hv.save().pid)
+            self._save_network(net)
             channel = await hv.generate_socket(self.id)
             self._save(VmState.RUNNING, agent=_channel_to_dict(channel))
             await self._wait_for_agent(deadline, timeout)
         except BaseException:
             with contextlib.suppress(Exception):
                 await hv.stop_sandbox()
+            with contextlib.suppress(Exception):
+                await self._teardown_network()
             self._save(VmState.FAILED)
             raise
         if detach:
@@ -285,6 +307,7 @@ class Sandbox:
             await self._server_gone()
             return
         if self._doc.state in (VmState.STOPPED.value, VmState.CREATED.value):
+            await self._teardown_network()
             self._save(VmState.STOPPED)
             return
         try:
@@ -306,6 +329,8 @@ class Sandbox:
         else:
             _remove_sockets(self.run_dir)
         await self._wait_for_owner()
+        # After the VMM is gone (it runs inside the netns): remove the host-side network.
+        await self._teardown_network()
         self._save(VmState.STOPPED, pid=0)
 
     async def remove(self) -> None:
@@ -316,7 +341,28 @@ class Sandbox:
             return
         if self._doc.state in (VmState.RUNNING.value, VmState.PAUSED.value):
             await self.stop()
+        await self._teardown_network()
         self._store.delete(self.id)
+
+    # -- network ----------------------------------------------------------------------
+
+    def _network(self) -> Attachment:
+        return _attachment(self._doc)
+
+    def _save_network(self, net: Attachment) -> None:
+        data = json.dumps(net.to_dict())
+        self._doc = self._store.update(
+            self.id, lambda d: dataclasses.replace(d, extra={**d.extra, "network": data})
+        )
+
+    async def _teardown_network(self) -> None:
+        """Remove the host side of the network (keeper, netns, tap, veth, nft tables).
+        Idempotent: the record then keeps only the spec."""
+        net = self._network()
+        if net.tap is None and not net.keeper_pid and net.guest is None:
+            return
+        await net.teardown()
+        self._save_network(net.forgotten())
 
     async def pause(self) -> None:
         if (remote := await self._server()) is not None:
@@ -651,6 +697,11 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         await self.remove()
+
+
+def _attachment(doc: SandboxDocument) -> Attachment:
+    data = json.loads(doc.extra.get("network", "{}") or "{}")
+    return Attachment.from_dict(data, doc.id, doc.hypervisor.run_dir)
 
 
 def _count_cpu_list(text: str) -> int:

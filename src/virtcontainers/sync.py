@@ -19,6 +19,7 @@ from virtcontainers.agent.client import ExecResult
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import ColdPlugDevice, HotplugDevice
 from virtcontainers.hypervisor import HypervisorType
+from virtcontainers.network import NetworkSpec
 from virtcontainers.persist.store import StateStore
 from virtcontainers.sandbox import Sandbox, SandboxInfo
 
@@ -60,13 +61,21 @@ class SyncSandbox:
         devices: Sequence[ColdPlugDevice] = (),
         store: StateStore | None = None,
         server: bool = False,
+        network: NetworkSpec | None = None,
     ) -> SyncSandbox:
         """Record a new sandbox; ``server``: ``with`` starts it in an ephemeral sandbox
         server (removed when this process ends, however it ends) instead of in-process."""
         loop = _LoopThread()
         try:
             sandbox = loop.run(
-                Sandbox.create(config, id=id, hypervisor=hypervisor, devices=devices, store=store)
+                Sandbox.create(
+                    config,
+                    id=id,
+                    hypervisor=hypervisor,
+                    devices=devices,
+                    store=store,
+                    network=network,
+                )
             )
         except BaseException:
             loop.close()

@@ -12,6 +12,7 @@ from virtcontainers.errors import ConfigError
 if TYPE_CHECKING:  # imported where used: `vc ps`/`vc exec` import this module too
     from virtcontainers.config import HypervisorConfig
     from virtcontainers.devices import ColdPlugDevice
+    from virtcontainers.network import NetworkSpec
 
 Hypervisor = Annotated[
     str, typer.Option("--hypervisor", help="Driver: qemu, firecracker, clh, acrn or mock.")
@@ -40,6 +41,48 @@ Shares = Annotated[
         "generic); in the guest: mount -t 9p -o trans=virtio TAG /mnt.",
     ),
 ]
+
+Network = Annotated[
+    str,
+    typer.Option(
+        "--network",
+        help="none (default: only lo), user (NAT inside QEMU, no root) or tap (a netns with "
+        "a tap and a veth pair, needs root; every driver). The guest reaches the host as "
+        "host.vc.internal.",
+    ),
+]
+Publish = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--publish",
+        "-p",
+        help="Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (HOST_IP "
+        "defaults to 127.0.0.1). Repeatable.",
+    ),
+]
+AllowEgress = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-egress",
+        help="Deny all egress except to CIDR[:PORT[-PORT]] (repeatable; tap mode; allow DNS "
+        "explicitly, e.g. RESOLVER/32:53). Enforced on the host side.",
+    ),
+]
+#: ``virtcontainers.network.DEFAULT_TAP_RANGE`` (a literal here: this module stays light;
+#: a unit test pins the two equal).
+DEFAULT_TAP_RANGE = "10.213.0.0/16"
+TapRange = Annotated[
+    str, typer.Option("--tap-range", help="Private IPv4 range tap-mode addresses come from.")
+]
+
+
+def network_spec(
+    network: str, publish: list[str] | None, allow_egress: list[str] | None, tap_range: str
+) -> NetworkSpec:
+    """The network options as a spec. Raises ConfigError for malformed values."""
+    from virtcontainers.network import NetworkSpec
+
+    return NetworkSpec.build(network, publish or [], allow_egress or [], tap_range)
 
 
 def build_config(

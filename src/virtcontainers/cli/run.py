@@ -13,6 +13,7 @@ from virtcontainers.cli.app import app
 if TYPE_CHECKING:
     from virtcontainers.config import HypervisorConfig
     from virtcontainers.devices import ColdPlugDevice
+    from virtcontainers.network import NetworkSpec
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -27,6 +28,10 @@ def run(
     image: options.Image = None,
     flavour: options.Flavour = "cloud",
     share: options.Shares = None,
+    network: options.Network = "none",
+    publish: options.Publish = None,
+    allow_egress: options.AllowEgress = None,
+    tap_range: options.TapRange = options.DEFAULT_TAP_RANGE,
 ) -> None:
     """Boot a VM, run COMMAND in it, stream its output and exit with its exit code.
 
@@ -38,6 +43,8 @@ def run(
       vc run -- uname -a
 
       vc run --cpus 2 --memory 1024 -- sh -c 'nproc; free -m'
+
+      vc run --network user -p 8080:80 -- httpd -f -p 80
     """
     config = options.build_config(
         cpus=cpus,
@@ -49,7 +56,8 @@ def run(
         flavour=flavour,
     )
     devices = options.share_devices(share)
-    raise typer.Exit(asyncio.run(_run(config, hypervisor, devices, command)))
+    spec = options.network_spec(network, publish, allow_egress, tap_range)
+    raise typer.Exit(asyncio.run(_run(config, hypervisor, devices, command, spec)))
 
 
 async def _run(
@@ -57,11 +65,12 @@ async def _run(
     hypervisor: str,
     devices: list[ColdPlugDevice],
     argv: list[str],
+    network: NetworkSpec,
 ) -> int:
     from virtcontainers.cli.streams import stream_exec
     from virtcontainers.sandbox import Sandbox
 
-    sandbox = await Sandbox.create(config, hypervisor=hypervisor, devices=devices)
+    sandbox = await Sandbox.create(config, hypervisor=hypervisor, devices=devices, network=network)
     try:
         # Ephemeral: the server removes the sandbox when this process ends, even by SIGKILL.
         await sandbox.start(server=True, ephemeral=True)

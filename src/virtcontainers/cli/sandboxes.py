@@ -59,6 +59,10 @@ def create(
     image: options.Image = None,
     flavour: options.Flavour = "cloud",
     share: options.Shares = None,
+    network: options.Network = "none",
+    publish: options.Publish = None,
+    allow_egress: options.AllowEgress = None,
+    tap_range: options.TapRange = options.DEFAULT_TAP_RANGE,
     name: Annotated[str | None, typer.Option("--id", help="Sandbox id (default: random).")] = None,
     as_json: Json = False,
 ) -> None:
@@ -69,8 +73,15 @@ def create(
     )  # fmt: skip
     from virtcontainers.sandbox import Sandbox
 
+    spec = options.network_spec(network, publish, allow_egress, tap_range)
     sandbox = _run(
-        Sandbox.create(config, id=name, hypervisor=hypervisor, devices=options.share_devices(share))
+        Sandbox.create(
+            config,
+            id=name,
+            hypervisor=hypervisor,
+            devices=options.share_devices(share),
+            network=spec,
+        )
     )
     _emit(sandbox.info().to_dict(), as_json, sandbox.id)
 

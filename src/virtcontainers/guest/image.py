@@ -27,7 +27,14 @@ The guest's ``/init`` contract (busybox sh, PID 1 for the guest's whole life):
    set the hostname (``vc.hostname=NAME`` on the kernel command line, default ``vc-guest``);
 2. ``insmod`` the boot modules listed in ``/etc/vc/modules.load`` (dependencies first); the other
    shipped modules load on demand with ``modprobe`` (``modules.dep``/``modules.alias`` present);
-3. bring ``lo`` up, then print exactly ``vc-init: ready`` on ``/dev/console``;
+3. bring ``lo`` up; write ``/etc/hosts`` (localhost and the hostname) and an empty
+   ``/etc/resolv.conf`` in the initramfs root (container roots bind-mount both); with
+   ``vc.net=ADDRESS/PREFIX,GATEWAY,HOST[,DNS...]`` on the kernel command line (IPv4, from
+   :mod:`virtcontainers.network.guest`) bring ``eth0`` up with that address, add a default
+   route via GATEWAY, add ``HOST host.vc.internal`` to ``/etc/hosts`` and one
+   ``nameserver`` line per DNS address to ``/etc/resolv.conf`` (``virtio_net`` is a boot
+   module, from the same kernel package); then print exactly ``vc-init: ready`` on
+   ``/dev/console``;
 4. run every executable file in ``/etc/vc/init.d/`` in lexical order, stdin from /dev/null
    (a non-zero exit is reported as ``vc-init: <file> exited with <code>`` and ignored);
 5. if ``/sbin/vc-agent`` exists, run it in the foreground; when it exits print

@@ -362,7 +362,7 @@ class AcrnHypervisor(VmmDriver[AcrnPaths]):
             sock.unlink(missing_ok=True)
 
         async def spawn() -> None:
-            proc = await self._spawn()
+            proc = await self._spawn(netns=self._netns.path)
             self._uuid_pool().set_vmm_pid(self._uuid, self.sandbox_id, proc.pid)
 
         await self._start(timeout, spawn)

@@ -203,7 +203,8 @@ class FirecrackerHypervisor(VmmDriver[FcPaths]):
         async def spawn() -> None:
             self._boot_paths = self._prepare_files()
             self._argv = self._build_argv()
-            await self._spawn()
+            # The jailer joins the netns itself (--netns); a direct launch goes through nsenter.
+            await self._spawn(netns=self._netns.path if self._paths.jail is None else "")
 
         await self._start(timeout, spawn)
 

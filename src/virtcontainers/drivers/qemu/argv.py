@@ -22,10 +22,12 @@ from virtcontainers.config.defaults import (
     VIRTIO_BLK_KERNEL_ROOT_PARAMS,
     BlockDriver,
 )
+from virtcontainers.devices import NetDevice, UserNetDevice
 from virtcontainers.drivers._runpaths import InRunDir, RunPaths
 from virtcontainers.errors import ConfigError
 
 __all__ = [
+    "net_argv",
     "AGENT_PORT_NAME",
     "BRIDGE_SLOTS",
     "DEFAULT_MEM_SLOTS",
@@ -267,6 +269,35 @@ def build_argv(
     argv += ["-append", " ".join(params)]
     argv += serialize_params(cfg.boot.hypervisor_params, "")
     return argv
+
+
+def net_argv(dev: NetDevice | UserNetDevice, virtio: str) -> list[str]:
+    """``-netdev`` + ``-device`` for a cold-plugged NIC: a tap (opened by name, so QEMU must
+    run in the tap's network namespace) or slirp user-mode NAT with its port forwards."""
+    i, mac = opt(dev.id), opt(dev.mac)
+    nd = f"netdev-{i}"
+    match dev:
+        case NetDevice():
+            backend = f"tap,id={nd},ifname={opt(dev.tap_name)},script=no,downscript=no"
+        case UserNetDevice():
+            opts = [
+                f"user,id={nd}", f"net={opt(dev.network)}", f"host={opt(dev.gateway)}",
+                f"dns={opt(dev.dns)}", f"dhcpstart={opt(dev.guest_address)}", "ipv6=off",
+            ]  # fmt: skip
+            if dev.restrict:
+                opts.append("restrict=on")
+            opts += [
+                f"hostfwd={opt(f.protocol)}:{opt(f.host_ip)}:{f.host_port}-"
+                f"{opt(dev.guest_address)}:{f.guest_port}"
+                for f in dev.forwards
+            ]
+            backend = ",".join(opts)
+    # romfile= : no iPXE option ROM; we boot a kernel directly, and it saves a file lookup.
+    rom = ",romfile=" if virtio == "pci" else ""
+    return [
+        "-netdev", backend,
+        "-device", f"virtio-net-{virtio},netdev={nd},mac={mac},id={i}{rom}",
+    ]  # fmt: skip
 
 
 def _image_mib(path: str) -> int:

@@ -159,7 +159,7 @@ class QemuHypervisor(VmmDriver[QemuPaths], ResizeByHotplug):
 
         async def spawn() -> None:
             try:
-                await self._spawn(pass_fds=(cid.fd,) if cid else ())
+                await self._spawn(pass_fds=(cid.fd,) if cid else (), netns=self._netns.path)
             finally:
                 if cid is not None:
                     cid.close()  # QEMU holds the CID through its own copy of the descriptor

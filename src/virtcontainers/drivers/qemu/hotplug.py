@@ -27,13 +27,14 @@ from virtcontainers.devices import (
     MemoryDevice,
     NetDevice,
     SerialPort,
+    UserNetDevice,
     VfioDevice,
     VhostUserDevice,
     VhostUserKind,
     VSock,
 )
 from virtcontainers.drivers._resize import cpu_add_amount
-from virtcontainers.drivers.qemu.argv import BRIDGE_SLOTS, DEFAULT_MEM_SLOTS, opt
+from virtcontainers.drivers.qemu.argv import BRIDGE_SLOTS, DEFAULT_MEM_SLOTS, net_argv, opt
 from virtcontainers.drivers.qemu.qmp import Qmp, as_dict, as_list
 from virtcontainers.errors import HypervisorError, HypervisorTimeout, UnsupportedError
 from virtcontainers.persist.hypervisor_state import Bridge, HypervisorState
@@ -121,12 +122,8 @@ def cold_plug_argv(devices: list[ColdPlugDevice], machine: str) -> list[str]:
                     f"local,id=fs-{tag},path={path},security_model=none,multidevs=remap{ro}",
                     "-device", f"virtio-9p-{virtio},fsdev=fs-{tag},mount_tag={tag}",
                 ]  # fmt: skip
-            case NetDevice():
-                i, tap, mac = opt(dev.id), opt(dev.tap_name), opt(dev.mac)
-                argv += [
-                    "-netdev", f"tap,id=netdev-{i},ifname={tap},script=no,downscript=no",
-                    "-device", f"virtio-net-{virtio},netdev=netdev-{i},mac={mac},id={i}",
-                ]  # fmt: skip
+            case NetDevice() | UserNetDevice():
+                argv += net_argv(dev, virtio)
             case SerialPort():
                 i, path, name = opt(dev.id), opt(dev.host_path), opt(dev.name)
                 argv += [
