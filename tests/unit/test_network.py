@@ -250,3 +250,10 @@ def test_attachment_record_round_trip(tmp_path: object) -> None:
     ]
     forgotten = back.forgotten()
     assert (forgotten.tap, forgotten.guest, forgotten.spec) == (None, None, spec)
+
+
+def test_the_cli_default_tap_range_is_the_library_default() -> None:
+    from virtcontainers.cli import options
+    from virtcontainers.network import DEFAULT_TAP_RANGE
+
+    assert options.DEFAULT_TAP_RANGE == DEFAULT_TAP_RANGE
