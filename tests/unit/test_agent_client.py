@@ -21,7 +21,7 @@ import tempfile
 import time
 import tty
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from virtcontainers.agent.protocol import (
     tlv,
     tlv_encode,
 )
-from virtcontainers.errors import AgentError
+from virtcontainers.errors import AgentError, ConfigError
 
 SOURCE = Path(__file__).resolve().parents[2] / "src/virtcontainers/guest/agent/vc-agent.c"
 
@@ -198,9 +198,46 @@ async def test_exec_failures_are_request_errors(client: AgentClient, tmp_path: P
     with pytest.raises(AgentRequestError, match="chdir") as info:
         await client.exec(["true"], cwd=str(tmp_path / "missing"))
     assert info.value.errno == errno.ENOENT
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         await client.exec([])
     assert (await client.exec(["true"])).exit_code == 0  # the agent carries on
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c, d: c.exec([]), "argv"),
+        (lambda c, d: c.exec_stream([]), "argv"),
+        (lambda c, d: c.exec(["echo", "a\0b"]), "argv"),
+        (lambda c, d: c.exec(["true"], env={"K\0": "v"}), "env"),
+        (lambda c, d: c.exec(["true"], env={"K": "v\0"}), "env"),
+        (lambda c, d: c.exec(["true"], env={"A=B": "v"}), "env"),
+        (lambda c, d: c.exec(["true"], env={"": "v"}), "env"),
+        (lambda c, d: c.exec(["true"], cwd=f"{d}\0x"), "cwd"),
+        (lambda c, d: c.exec(["echo", "\udcff"]), "argv"),
+        (lambda c, d: c.exec(["true"], uid=-1), "uid"),
+        (lambda c, d: c.exec(["true"], gid=2**32), "gid"),
+        (lambda c, d: c.exec(["true"], timeout=-1), "timeout"),
+        (lambda c, d: c.write_file(f"{d}/a\0b", b"x"), "path"),
+        (lambda c, d: c.write_file(f"{d}/a", b"x", mode=-1), "mode"),
+        (lambda c, d: c.read_file(f"{d}/a\0b"), "path"),
+        (lambda c, d: c.read_file(""), "path"),
+        (lambda c, d: c.signal(1, -1), "signal"),
+    ],
+)
+async def test_bad_request_input_is_a_config_error(
+    client: AgentClient,
+    tmp_path: Path,
+    call: Callable[[AgentClient, Path], Awaitable[object]],
+    field: str,
+) -> None:
+    """Caller input the wire cannot carry (empty argv, NUL bytes, unencodable text, numbers
+    out of range) is refused before anything is sent, as ConfigError naming the field."""
+    with pytest.raises(ConfigError) as info:
+        await call(client, tmp_path)
+    assert info.value.field == field
+    assert not (tmp_path / "a").exists()  # a NUL never truncated a path into another one
+    assert (await client.exec(["true"])).exit_code == 0  # the connection is still fine
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setuid needs root")

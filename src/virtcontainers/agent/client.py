@@ -7,7 +7,11 @@ pipelined: any number of coroutines may call the client concurrently.
 
 Failures all surface as :class:`~virtcontainers.errors.AgentError` (``OSError``, EOF and
 protocol violations are translated at the reader and writer boundary); an error reply from the
-agent is an :class:`AgentRequestError` carrying the agent's error code and errno.
+agent is an :class:`AgentRequestError` carrying the agent's error code and errno. Caller input
+the wire cannot carry (an empty argv; NUL characters or text that is not UTF-8 in argv, env,
+cwd or a path; integers out of range; a non-positive timeout) is the caller's mistake, not the
+agent's, so it raises :class:`~virtcontainers.errors.ConfigError` naming the argument
+(``field``) before anything is sent.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from virtcontainers.agent.transport import (
     connect_unix,
     connect_vsock,
 )
-from virtcontainers.errors import AgentError
+from virtcontainers.errors import AgentError, ConfigError
 
 __all__ = [
     "AgentClient",
@@ -353,7 +357,8 @@ class AgentClient:
         agent SIGKILL the process group after that many seconds (then ``timed_out`` is set).
         With ``tty=True`` stdout and stderr arrive merged as stdout.
         Raises ``AgentRequestError`` when the program cannot be started, ``AgentError`` when
-        the connection fails or the exit is not reported in time.
+        the connection fails or the exit is not reported in time, ``ConfigError`` for input
+        that cannot be sent (see the module docstring).
         """
         proc = await self.exec_stream(
             argv, env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout,
@@ -408,28 +413,35 @@ class AgentClient:
         ``extra_items``: more TLV items for the request (e.g. the sandbox server's KEEP).
         """
         if not argv:
-            raise ValueError("argv must not be empty")
-        items = [tlv(Tag.ARG, a) for a in argv]
+            raise ConfigError("argv must not be empty: name the program to run", field="argv")
+        items = [_text(Tag.ARG, "argv", a) for a in argv]
         if env is not None:
             items.append(tlv(Tag.CLEAR_ENV, 1, 1))
-            items += [tlv(Tag.ENV, f"{k}={v}") for k, v in env.items()]
+            for key, value in env.items():
+                if not key or "=" in key:
+                    raise ConfigError(
+                        f"environment variable name {key!r} must be non-empty and without '='",
+                        field="env",
+                    )
+                items.append(_text(Tag.ENV, "env", f"{key}={value}"))
         if cwd is not None:
-            items.append(tlv(Tag.CWD, cwd))
+            items.append(_text(Tag.CWD, "cwd", cwd))
         if uid is not None:
-            items.append(tlv(Tag.UID, uid, 4))
+            items.append(_uint(Tag.UID, "uid", uid, 4))
         if gid is not None:
-            items.append(tlv(Tag.GID, gid, 4))
+            items.append(_uint(Tag.GID, "gid", gid, 4))
         if tty:
             items.append(tlv(Tag.TTY, 1, 1))
             if tty_size is not None:
-                items += [tlv(Tag.ROWS, tty_size[0], 4), tlv(Tag.COLS, tty_size[1], 4)]
+                items += [_uint(Tag.ROWS, "tty_size", tty_size[0], 4)]
+                items += [_uint(Tag.COLS, "tty_size", tty_size[1], 4)]
         if timeout is not None:
-            items.append(tlv(Tag.TIMEOUT_MS, max(1, round(timeout * 1000)), 4))
+            if not timeout > 0:
+                raise ConfigError(f"timeout must be positive, got {timeout!r}", field="timeout")
+            items.append(_uint(Tag.TIMEOUT_MS, "timeout", max(1, round(timeout * 1000)), 4))
         if no_stdin:
             items.append(tlv(Tag.NO_STDIN, 1, 1))
         items += extra_items
-        if any("\0" in a for a in argv) or (env and any("\0" in k + v for k, v in env.items())):
-            raise ValueError("argv and env must not contain NUL characters")
         started: list[ExecProcess] = []
 
         def register(fields: Fields) -> None:
@@ -447,7 +459,7 @@ class AgentClient:
         self, exec_id: int, sig: int, *, group: bool = False, timeout: float | None = None
     ) -> None:
         """Send signal ``sig`` to exec ``exec_id`` (its process group with ``group=True``)."""
-        items = [tlv(Tag.EXEC_ID, exec_id, 4), tlv(Tag.SIGNAL, int(sig), 4)]
+        items = [_uint(Tag.EXEC_ID, "exec_id", exec_id, 4), _uint(Tag.SIGNAL, "signal", sig, 4)]
         if group:
             items.append(tlv(Tag.GROUP, 1, 1))
         await self._call(FrameType.SIGNAL, tlv_encode(items), "signal", timeout)
@@ -476,7 +488,7 @@ class AgentClient:
         per chunk.
         """
         op = f"write_file {path}"
-        head = [tlv(Tag.PATH, path), tlv(Tag.MODE, mode, 4)]
+        head = [_path(path), _uint(Tag.MODE, "mode", mode, 4)]
         if not atomic:
             head.append(tlv(Tag.DIRECT, 1, 1))
         offsets = list(range(0, len(data), CHUNK)) or [0]
@@ -509,7 +521,7 @@ class AgentClient:
             while True:
                 while len(window) < _PIPELINE:
                     items = [
-                        tlv(Tag.PATH, path),
+                        _path(path),
                         tlv(Tag.OFFSET, offset, 8),
                         tlv(Tag.LENGTH, CHUNK, 4),
                     ]
@@ -720,6 +732,31 @@ class AgentClient:
         for proc in self._procs.values():
             proc._fail(error)
         self._procs.clear()
+
+
+def _text(tag: Tag, field: str, value: str) -> tuple[int, bytes]:
+    """A string TLV, or ConfigError naming ``field``: the agent takes C strings (no NUL) in
+    UTF-8, so such input is refused here instead of failing (or being cut) in the guest."""
+    if "\0" in value:
+        raise ConfigError(f"{field} must not contain NUL characters: {value!r}", field=field)
+    try:
+        return tag, value.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{field} is not encodable as UTF-8: {value!r}", field=field) from exc
+
+
+def _path(path: str) -> tuple[int, bytes]:
+    if not path:
+        raise ConfigError("path must not be empty", field="path")
+    return _text(Tag.PATH, "path", path)
+
+
+def _uint(tag: Tag, field: str, value: int, width: int) -> tuple[int, bytes]:
+    """An unsigned TLV of ``width`` bytes, or ConfigError naming ``field`` and the range."""
+    high = (1 << (8 * width)) - 1
+    if isinstance(value, bool) or not 0 <= int(value) <= high:
+        raise ConfigError(f"{field} must be an integer in [0, {high}], got {value!r}", field=field)
+    return tlv(tag, int(value), width)
 
 
 async def _feed(proc: ExecProcess, data: bytes) -> None:
