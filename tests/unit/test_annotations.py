@@ -162,8 +162,40 @@ def test_vcpus_beyond_host_are_rejected() -> None:
 
 
 def test_memory_below_minimum_is_rejected() -> None:
-    with pytest.raises(AnnotationError, match="minimum"):
+    """Unlike a file (which falls back to the default), an annotation below 256 MiB is an
+    error, as in Kata's addHypervisorMemoryOverrides."""
+    with pytest.raises(AnnotationError, match="minimum") as info:
         apply_annotations(_config(".*"), {P + "default_memory": "128"})
+    assert info.value.annotation == P + "default_memory"
+
+
+def test_msize_9p_zero_is_rejected() -> None:
+    """Kata: "please specify positive numeric value" for msize_9p."""
+    with pytest.raises(AnnotationError, match="positive") as info:
+        apply_annotations(_config(".*"), {P + "msize_9p": "0"})
+    assert info.value.annotation == P + "msize_9p"
+
+
+@pytest.mark.parametrize(
+    ("name", "group", "field"),
+    [
+        ("memory_slots", "resources", "mem_slots"),
+        ("memory_offset", "resources", "mem_offset"),
+        ("pcie_root_port", "devices", "pcie_root_port"),
+    ],
+)
+def test_zero_keeps_the_configured_value(name: str, group: str, field: str) -> None:
+    """Kata applies these annotations only when they are > 0."""
+    config = _config(".*")
+    setattr(getattr(config, group), field, 7)
+    apply_annotations(config, {P + name: "0"})
+    assert getattr(getattr(config, group), field) == 7
+
+
+def test_memory_offset_annotation_is_64_bit() -> None:
+    config = _config(".*")
+    apply_annotations(config, {P + "memory_offset": str(2**40)})
+    assert config.resources.mem_offset == 2**40
 
 
 def test_kata_and_toml_spelling_of_max_vcpus() -> None:

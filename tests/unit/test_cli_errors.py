@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +34,16 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     out = _vc(tmp_path, "--debug", "exec", "nosuch", "--", "true")
     assert out.returncode != 0
     assert "Traceback" in out.stderr
+
+
+def test_more_cpus_than_allowed_is_refused_before_anything_is_recorded(tmp_path: Path) -> None:
+    """`--cpus` above the limit (the host's CPUs, or --max-cpus) is a ConfigError naming it;
+    before the fix the maximum was silently raised to --cpus and the sandbox recorded."""
+    host = os.cpu_count() or 1
+    out = _vc(
+        tmp_path, "create", "--hypervisor", "mock", "--cpus", str(host + 7),
+        "--max-cpus", str(host + 2), "--kernel", "/k", "--initrd", "/i",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout
+    assert f"ConfigError: --cpus {host + 7} exceeds the limit of {host} vCPUs" in out.stderr
+    assert json.loads(_vc(tmp_path, "ps", "--json").stdout) == []

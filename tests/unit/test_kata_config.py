@@ -240,6 +240,56 @@ def test_default_maxvcpus_kata_semantics(tmp_path: Path, requested: int, expecte
     assert loaded.config.resources.default_max_vcpus == expected
 
 
+# -- katautils' range rules: a file gets the default where Kata gives it, with a warning ----
+
+
+@pytest.mark.parametrize("mib", [1, 128, 255])
+def test_memory_below_minimum_in_a_file_falls_back_to_the_default(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mib: int
+) -> None:
+    """katautils' defaultMemSz: a file's default_memory under 256 MiB means 2048 MiB."""
+    with caplog.at_level("WARNING", logger="virtcontainers.config.kata"):
+        loaded = _load(tmp_path, BASE + f"default_memory = {mib}\n")
+    assert loaded.config.resources.memory_size == 2048
+    (record,) = [r for r in caplog.records if "default_memory" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert f"{mib} MiB" in record.getMessage()
+    assert "2048" in record.getMessage()
+
+
+def test_memory_at_the_minimum_in_a_file_is_kept(tmp_path: Path) -> None:
+    assert _load(tmp_path, BASE + "default_memory = 256\n").config.resources.memory_size == 256
+
+
+def test_memory_offset_is_a_64_bit_value_as_in_kata(tmp_path: Path) -> None:
+    loaded = _load(tmp_path, BASE + f"memory_offset = {2**40}\n")
+    assert loaded.config.resources.mem_offset == 2**40
+
+
+@pytest.mark.parametrize(
+    ("line", "group", "name", "expected"),
+    [
+        ("memory_slots = 0", "resources", "mem_slots", 10),
+        ("default_bridges = 0", "devices", "default_bridges", 1),
+        ("msize_9p = 0", "shared_fs", "msize_9p", 8192),
+        ('block_device_driver = ""', "storage", "block_device_driver", "virtio-scsi"),
+        ("default_maxvcpus = 0", "resources", "default_max_vcpus", max_qemu_vcpus()),
+        ("default_vcpus = 0", "resources", "num_vcpus", 1),
+    ],
+)
+def test_zero_or_empty_in_a_file_means_katas_default(
+    tmp_path: Path, line: str, group: str, name: str, expected: object
+) -> None:
+    config = _load(tmp_path, BASE + line + "\n").config
+    assert getattr(getattr(config, group), name) == expected
+
+
+def test_vcpus_above_the_max_are_clamped_to_it(tmp_path: Path) -> None:
+    """defaultVCPUs: more than the host's CPUs (capped by the VMM's limit) means that many."""
+    loaded = _load(tmp_path, BASE + f"default_vcpus = {HOST_CPUS + 3}\n")
+    assert loaded.config.resources.num_vcpus == min(HOST_CPUS, max_qemu_vcpus())
+
+
 def test_bridges_are_clamped_to_five(tmp_path: Path) -> None:
     assert _load(tmp_path, BASE + "default_bridges = 9\n").config.devices.default_bridges == 5
 
@@ -318,7 +368,7 @@ x = 1
         ("virtio_fs_extra_args = [1, 2]", "virtio_fs_extra_args", "array of strings"),
         ("memory_slots = 4294967296", "memory_slots", "at most 4294967295"),
         ('enable_annotations = ["(oops"]', "enable_annotations", "regular expression"),
-        ("default_memory = 128", "default_memory", "minimum"),
+        ("memory_offset = 18446744073709551616", "memory_offset", "at most 18446744073709551615"),
     ],
 )
 def test_wrong_values_name_file_section_key(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -98,7 +99,8 @@ def build_config(
     """A config from the command line; the built guest image fills what is not given.
 
     Raises:
-        ConfigError: no image built and no --kernel given, or contradictory options.
+        ConfigError: no image built and no --kernel given, contradictory options, or more
+            vCPUs than allowed (see :func:`vcpus`).
     """
     from virtcontainers.config import HypervisorConfig
     from virtcontainers.guest.image import find_image
@@ -119,11 +121,32 @@ def build_config(
         config.boot.initrd_path = str(initrd.resolve())
     if image is not None:
         config.boot.image_path = str(image.resolve())
-    config.resources.num_vcpus = cpus
-    config.resources.default_max_vcpus = max(max_cpus, cpus)
+    config.resources.num_vcpus, config.resources.default_max_vcpus = vcpus(cpus, max_cpus)
     config.resources.memory_size = memory
     config.storage.block_device_driver = "virtio-blk"
     return config
+
+
+def vcpus(cpus: int, max_cpus: int) -> tuple[int, int]:
+    """``(vCPUs at boot, maximum)`` for ``--cpus`` / ``--max-cpus``.
+
+    The maximum follows katautils' defaultMaxVCPUs: never above the host's CPUs (nor QEMU's
+    limit), so ``--max-cpus 4`` on a 2-CPU host means 2. Where Kata would silently clamp the
+    boot vCPUs to that, an explicit ``--cpus`` the VM cannot have is refused.
+
+    Raises:
+        ConfigError: ``--cpus`` exceeds the maximum; the message names the limit and why.
+    """
+    from virtcontainers.config.defaults import default_max_vcpus
+
+    limit = default_max_vcpus(max_cpus)
+    if cpus > limit:
+        host = os.cpu_count() or 1
+        why = f"--max-cpus {max_cpus}" if max_cpus <= limit else f"this host has {host} CPUs"
+        raise ConfigError(
+            f"--cpus {cpus} exceeds the limit of {limit} vCPUs ({why})", field="--cpus"
+        )
+    return cpus, limit
 
 
 def share_devices(shares: list[str] | None) -> list[ColdPlugDevice]:

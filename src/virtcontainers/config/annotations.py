@@ -107,11 +107,16 @@ def _uint(
     *,
     maximum: int = _UINT32_MAX,
     check: Callable[[str, int], None] | None = None,
+    zero_keeps: bool = False,
 ) -> _Handler:
-    def handle(annotation: str, raw: str, _config: HypervisorConfig) -> _Change:
+    """``zero_keeps``: "0" leaves the configured value (Kata applies these only when > 0)."""
+
+    def handle(annotation: str, raw: str, config: HypervisorConfig) -> _Change:
         value = _parse_uint(annotation, raw, maximum)
         if check is not None:
             check(annotation, value)
+        if zero_keeps and value == 0:
+            value = getattr(getattr(config, group), name)
         return _setter(group, name, value)
 
     return handle
@@ -185,6 +190,13 @@ def _check_memory(annotation: str, value: int) -> None:
         )
 
 
+def _check_positive(annotation: str, value: int) -> None:
+    if value == 0:
+        raise AnnotationError(
+            f"annotation {annotation}: expected a positive integer, got 0", annotation=annotation
+        )
+
+
 def _kernel_params(annotation: str, raw: str, _config: HypervisorConfig) -> _Change:
     params = deserialize_params(raw.split())
     if any(not p.key for p in params):
@@ -226,8 +238,8 @@ _HANDLERS: dict[str, _Handler] = {
     "default_vcpus": _uint("resources", "num_vcpus", check=_check_vcpus),
     "default_max_vcpus": _uint("resources", "default_max_vcpus", check=_check_vcpus),
     "default_memory": _uint("resources", "memory_size", check=_check_memory),
-    "memory_slots": _uint("resources", "mem_slots"),
-    "memory_offset": _uint("resources", "mem_offset"),
+    "memory_slots": _uint("resources", "mem_slots", zero_keeps=True),
+    "memory_offset": _uint("resources", "mem_offset", maximum=_UINT64_MAX, zero_keeps=True),
     "enable_virtio_mem": _bool("resources", "virtio_mem"),
     "enable_mem_prealloc": _bool("resources", "mem_prealloc"),
     "enable_hugepages": _bool("resources", "huge_pages"),
@@ -243,7 +255,7 @@ _HANDLERS: dict[str, _Handler] = {
     "enable_iommu": _bool("devices", "iommu"),
     "enable_iommu_platform": _bool("devices", "iommu_platform"),
     "hotplug_vfio_on_root_bus": _bool("devices", "hotplug_vfio_on_root_bus"),
-    "pcie_root_port": _uint("devices", "pcie_root_port"),
+    "pcie_root_port": _uint("devices", "pcie_root_port", zero_keeps=True),
     "disable_vhost_net": _bool("devices", "disable_vhost_net"),
     "enable_vhost_user_store": _bool("devices", "enable_vhost_user_store"),
     "vhost_user_store_path": _restricted_path(
@@ -263,7 +275,7 @@ _HANDLERS: dict[str, _Handler] = {
     "block_device_cache_noflush": _bool("storage", "block_device_cache_noflush"),
     # shared fs
     "shared_fs": _text("shared_fs", "shared_fs", choices=[f.value for f in SharedFs]),
-    "msize_9p": _uint("shared_fs", "msize_9p"),
+    "msize_9p": _uint("shared_fs", "msize_9p", check=_check_positive),
     "virtio_fs_daemon": _restricted_path(
         "shared_fs", "virtio_fs_daemon", lambda s: s.virtio_fs_daemon_list, "virtio_fs_daemon_list"
     ),

@@ -22,6 +22,7 @@ __all__ = [
     "VSOCK_LOGS_PORT",
     "BlockDriver",
     "SharedFs",
+    "default_max_vcpus",
     "max_qemu_vcpus",
 ]
 
@@ -60,6 +61,13 @@ MAX_QEMU_VCPUS_AMD64 = 240
 def max_qemu_vcpus() -> int:
     """QEMU's vCPU limit on this architecture, capped by the host's CPU count."""
     return min(MAX_QEMU_VCPUS_AMD64, os.cpu_count() or 1)
+
+
+def default_max_vcpus(requested: int) -> int:
+    """katautils' defaultMaxVCPUs: 0, or at least the host's CPUs, means the host's CPUs;
+    never more than QEMU's limit."""
+    limit = max_qemu_vcpus()
+    return limit if requested <= 0 else min(requested, limit)
 
 
 NVDIMM_KERNEL_ROOT_PARAMS = (

@@ -23,6 +23,7 @@ from virtcontainers.config.defaults import (
     MIN_HYPERVISOR_MEMORY_MIB,
     BlockDriver,
     SharedFs,
+    default_max_vcpus,
     max_qemu_vcpus,
 )
 from virtcontainers.config.hypervisor_config import HypervisorConfig
@@ -159,17 +160,12 @@ def _toml_type(value: object) -> str:
 
 
 def _default_vcpus(requested: int) -> int:
-    """Kata: 0 means 1; negative or more than the host has means every host CPU."""
-    host = os.cpu_count() or 1
+    """Kata (defaultVCPUs): 0 means 1; negative or more than the host has (capped by the
+    VMM's vCPU limit, getCurrentCpuNum) means that many."""
+    host = min(os.cpu_count() or 1, max_qemu_vcpus())
     if requested < 0 or requested > host:
         return host
     return requested or 1
-
-
-def _default_max_vcpus(requested: int) -> int:
-    """Kata: 0 or at least the host's CPUs means the host's CPUs, capped by QEMU's limit."""
-    limit = max_qemu_vcpus()
-    return limit if requested == 0 else min(requested, limit)
 
 
 def _comma_list(value: str) -> str:
@@ -222,13 +218,19 @@ def _vcpus(s: _Section, k: str, c: HypervisorConfig) -> None:
 
 
 def _max_vcpus(s: _Section, k: str, c: HypervisorConfig) -> None:
-    c.resources.default_max_vcpus = _default_max_vcpus(s.get_uint32(k))
+    c.resources.default_max_vcpus = default_max_vcpus(s.get_uint32(k))
 
 
 def _memory(s: _Section, k: str, c: HypervisorConfig) -> None:
+    """Kata (defaultMemSz): below the 256 MiB minimum, a file gets the default. (An
+    annotation below it is an error: see config/annotations.py.)"""
     mib = s.get_uint32(k)
     if 0 < mib < MIN_HYPERVISOR_MEMORY_MIB:
-        raise s.error(k, f"{mib} MiB is below the minimum of {MIN_HYPERVISOR_MEMORY_MIB} MiB")
+        log.warning(
+            "%s = %d MiB is below the minimum of %d MiB: using the default of %d MiB, as Kata does",
+            s.where(k), mib, MIN_HYPERVISOR_MEMORY_MIB, DEFAULT_MEMORY_MIB,
+        )  # fmt: skip
+        mib = 0
     c.resources.memory_size = mib or DEFAULT_MEMORY_MIB
 
 
@@ -296,7 +298,7 @@ _KEYS: dict[str, _Apply] = {
     "default_maxvcpus": _max_vcpus,
     "default_memory": _memory,
     "memory_slots": _mem_slots,
-    "memory_offset": _to("resources", "mem_offset", _u32),
+    "memory_offset": _to("resources", "mem_offset", _u64),  # Kata: uint64
     "enable_mem_prealloc": _to("resources", "mem_prealloc", _boolean),
     "enable_hugepages": _to("resources", "huge_pages", _boolean),
     "enable_virtio_mem": _to("resources", "virtio_mem", _boolean),
