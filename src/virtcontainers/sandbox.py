@@ -301,6 +301,11 @@ class Sandbox:
         ``wait_only`` (default): ask the guest agent to sync and power off, then wait for the
         VMM to exit, so disks are flushed and the console log is complete; if the agent does
         not answer, the VMM is stopped. ``wait_only=False``: stop the VMM directly.
+
+        Raises:
+            HypervisorError: the VMM still runs but could not be controlled (e.g. its record
+                does not fit the driver): it is left running and the state unchanged. Only a
+                VMM that is gone is treated as gone.
         """
         if (remote := await self._server()) is not None:
             await remote.call("stop", timeout=120.0, wait_only=wait_only)
@@ -315,6 +320,8 @@ class Sandbox:
             # else holds it), so the guest's shutdown lines reach console.log.
             hv: Hypervisor | None = await self._control()
         except HypervisorError as exc:
+            if self._vmm_alive():
+                raise  # not gone: e.g. a record the driver refuses, a busy control socket
             log.debug("sandbox %s: VMM already gone (%s)", self.id, exc)
             hv = None
         powered_off = False
@@ -332,6 +339,12 @@ class Sandbox:
         # After the VMM is gone (it runs inside the netns): remove the host-side network.
         await self._teardown_network()
         self._save(VmState.STOPPED, pid=0)
+
+    def _vmm_alive(self) -> bool:
+        """Whether the recorded VMM process still runs (the pid is checked against the run
+        dir in its argv, so a recycled pid does not count)."""
+        pid = self._doc.hypervisor.pid
+        return bool(pid) and process_matches(pid, self._doc.hypervisor.run_dir)
 
     async def remove(self) -> None:
         """Stop if needed, then delete the sandbox's record, logs and run dir."""

@@ -47,3 +47,17 @@ def test_more_cpus_than_allowed_is_refused_before_anything_is_recorded(tmp_path:
     assert out.returncode == 1, out.stdout
     assert f"ConfigError: --cpus {host + 7} exceeds the limit of {host} vCPUs" in out.stderr
     assert json.loads(_vc(tmp_path, "ps", "--json").stdout) == []
+
+
+def test_resize_without_a_flag_is_a_config_error(tmp_path: Path) -> None:
+    """Before: `vc resize ID` with neither flag did nothing and exited 0."""
+    out = _vc(tmp_path, "resize", "nosuch")
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: ConfigError: resize needs --cpus or --memory")
+
+
+def test_rm_of_an_unknown_id_names_it(tmp_path: Path) -> None:
+    out = _vc(tmp_path, "rm", "nosuch")
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: StoreError: ")
+    assert "no sandbox 'nosuch'" in out.stderr

@@ -390,6 +390,8 @@ def resize(
     as_json: Json = False,
 ) -> None:
     """Change a running sandbox's vCPUs (up or down) or memory (up, in 128 MiB blocks)."""
+    if cpus is None and memory is None:
+        raise ConfigError("resize needs --cpus or --memory (or both)", field="resize")
 
     async def go(s: Sandbox) -> None:
         result: dict[str, object] = {}
