@@ -14,7 +14,12 @@
     │   └── HypervisorTimeout  a deadline passed: which operation, how long
     ├── AgentError             guest agent unreachable or protocol error
     ├── NetworkError           a host-side network step (ip / nft) failed: argv, stderr
-    └── StoreError             state store problems (corrupt document, lock, disk full)
+    ├── StoreError             state store problems (corrupt document, lock, disk full)
+    └── ImageError             OCI images: carries the reference
+        ├── ImageNotFoundError   unknown reference, unreachable registry, not in the store
+        ├── ImageDigestError     a blob's content does not match its digest (corrupt/truncated)
+        ├── ImageArchError       the image is for another OS/architecture
+        └── ImageSpaceError      the image does not fit the space it needs (host cache, scratch)
 
 Errors carry data as attributes so callers never parse messages. Backend exceptions
 (``qemu.qmp``, ``httpx``, ``OSError``) are translated at one boundary per driver with
@@ -33,6 +38,11 @@ __all__ = [
     "ConfigError",
     "HypervisorError",
     "HypervisorTimeout",
+    "ImageArchError",
+    "ImageDigestError",
+    "ImageError",
+    "ImageNotFoundError",
+    "ImageSpaceError",
     "LaunchError",
     "NetworkError",
     "StateError",
@@ -201,3 +211,47 @@ class StoreError(VirtContainersError):
     def __init__(self, message: str, *, path: str = "") -> None:
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class ImageError(VirtContainersError):
+    """An OCI image could not be resolved, fetched, verified, unpacked or turned into a disk.
+
+    ``ref`` is the reference as the user wrote it; ``detail`` the tool's or check's own words.
+    """
+
+    def __init__(self, message: str, *, ref: str = "", detail: str = "") -> None:
+        self.ref = ref
+        self.detail = detail
+        text = f"image {ref}: {message}" if ref else message
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+
+class ImageNotFoundError(ImageError):
+    """No such image: an unknown reference, an unreachable registry, or not in the local store."""
+
+
+class ImageDigestError(ImageError):
+    """A blob (manifest, config or layer) does not hash to its digest: ``digest`` names it."""
+
+    def __init__(self, message: str, *, ref: str = "", digest: str, actual: str = "") -> None:
+        self.digest = digest
+        self.actual = actual
+        super().__init__(message, ref=ref)
+
+
+class ImageArchError(ImageError):
+    """The image was built for another OS/architecture than this host's."""
+
+    def __init__(self, message: str, *, ref: str = "", image_arch: str, host_arch: str) -> None:
+        self.image_arch = image_arch
+        self.host_arch = host_arch
+        super().__init__(message, ref=ref)
+
+
+class ImageSpaceError(ImageError):
+    """The image needs more space than there is (``needed`` and ``available`` in bytes)."""
+
+    def __init__(self, message: str, *, ref: str = "", needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(message, ref=ref)

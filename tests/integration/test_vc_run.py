@@ -40,7 +40,7 @@ def test_vc_run_without_an_image_says_how_to_get_one(tmp_path: Path) -> None:
         [VC, "run", "--", "true"], capture_output=True, text=True, timeout=60, env=env
     )
     assert out.returncode == 1
-    assert "vc image build" in out.stderr
+    assert "vc guest build" in out.stderr
     assert "Traceback" not in out.stderr
 
 

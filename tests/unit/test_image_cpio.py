@@ -164,7 +164,7 @@ def test_image_build_error_says_what_failed_and_what_to_do_instead() -> None:
     assert "cannot download linux-image-x" in text
     assert "--kernel" in text
     assert "--initrd" in text
-    assert "--image" in text
+    assert "--guest-disk" in text
 
 
 def test_missing_apt_is_an_image_build_error(

@@ -26,6 +26,7 @@ _debug = False
 #: Which module defines each command; a name not listed (or --help) imports them all.
 _COMMAND_MODULES = {
     "check": "check",
+    "guest": "guest",
     "image": "image",
     "run": "run",
     **{
@@ -36,7 +37,7 @@ _COMMAND_MODULES = {
         )
     },
 }  # fmt: skip
-_ALL_MODULES = ("check", "image", "run", "sandboxes")
+_ALL_MODULES = ("check", "guest", "image", "run", "sandboxes")
 
 
 @app.callback()

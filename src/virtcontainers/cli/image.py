@@ -1,160 +1,177 @@
-"""``vc image``: build and list the guest image (Debian kernel + busybox initramfs)."""
+"""``vc image``: OCI container images in the local store (pull, ls, rm, inspect, prune).
+
+``vc image build`` is kept as an alias of ``vc guest build`` (the guest kernel + initramfs),
+because scripts written before images existed call it.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from virtcontainers.cli import guest
 from virtcontainers.cli.app import app
-from virtcontainers.guest.image import (
-    FLAVOURS,
-    build_image,
-    default_cache_dir,
-    list_images,
-    prune_images,
-)
+from virtcontainers.errors import ConfigError
+from virtcontainers.images import ImageStore, pull
+from virtcontainers.images.pull import ProgressCallback
 
 image_app = typer.Typer(
     help=(
-        "Build and list guest images: a Debian kernel plus a small busybox initramfs.\n\n"
-        "The kernel comes from Debian's linux-image-*-unsigned package (downloaded with "
-        "apt-get, never installed); the initramfs holds busybox, /init, the virtio modules of "
-        "that same kernel and the guest agent when its source is present. Images are cached "
-        "under $XDG_CACHE_HOME/virtcontainers/images/<key>/ (default ~/.cache); `vc run` "
-        "uses the newest one unless given --kernel/--initrd.\n\n"
-        "Flavours: "
-        + "; ".join(f"{f.name}: {f.description}" for f in FLAVOURS.values())
-        + ".\n\nExamples:\n\n"
-        "  vc image build                    # cloud kernel; cached after the first\n"
-        "  vc image build --flavour generic  # with 9p shared folders\n"
-        "  vc image build --force --json     # ask apt for a newer kernel\n"
-        "  vc image ls --json                # every cached manifest\n"
-        "  vc image prune --keep 1           # delete older images\n"
+        "OCI container images: the software a sandbox runs (`vc run --image REF`).\n\n"
+        "References: NAME[:TAG] or HOST[:PORT]/PATH[:TAG][@sha256:HEX] (a registry), "
+        "oci:DIR[:TAG] (an OCI layout), docker-archive:FILE (`docker save`), dir:PATH and "
+        "tar:FILE (a plain root file system). A pull copies the image with skopeo, checks "
+        "every blob's digest, unpacks the layers with umoci and builds a read-only root disk "
+        "(erofs); images live under $XDG_CACHE_HOME/virtcontainers/oci/, keyed by their "
+        "config digest.\n\nExamples:\n\n"
+        "  vc image pull oci:./layout:latest\n"
+        "  vc image pull --tls-verify=false 127.0.0.1:5000/team/app:1.0\n"
+        "  vc image ls\n"
+        "  vc image inspect team/app:1.0 --json\n"
+        "  vc image rm team/app:1.0\n"
     ),
     no_args_is_help=True,
 )
 app.add_typer(image_app, name="image")
 
-# Full paths and the table must not wrap when piped (rich assumes 80 columns then).
 _out = Console() if sys.stdout.isatty() else Console(width=200)
 _err = Console(stderr=True)
 
-
-def _flavour_help() -> str:
-    return "Kernel flavour: " + ", ".join(f"{f.name} ({f.description})" for f in FLAVOURS.values())
-
-
-@image_app.command(
-    "build",
-    help=(
-        "Build the guest image (or reuse the cached one) and print where it is.\n\n"
-        "The first build downloads the kernel package (~27 MB for cloud, ~70 MB for generic) "
-        "and takes a few seconds. Later builds with unchanged inputs (init script, agent "
-        "source, busybox) return the cached image at once without running apt; a changed "
-        "agent source rebuilds offline from the cached .deb. --force asks apt again."
+TlsVerify = Annotated[
+    str,
+    typer.Option(
+        "--tls-verify",
+        help="true (default) or false: false talks plain HTTP or unverified TLS to the "
+        "registry (a local test registry), as podman's --tls-verify=false.",
     ),
-)
-def build(
-    flavour: Annotated[str, typer.Option("--flavour", "-f", help=_flavour_help())] = "cloud",
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Ask apt for the newest kernel and rebuild even if a matching image is cached.",
-        ),
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the image's manifest as JSON.")
-    ] = False,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--cache-dir",
-            help="Cache root (default $XDG_CACHE_HOME/virtcontainers or ~/.cache/virtcontainers).",
-        ),
-    ] = None,
-) -> None:
-    """``vc image build``: see the command's help."""
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-    )
-    show = _err.is_terminal and not as_json
+]
+
+
+def parse_bool(value: str, option: str) -> bool:
+    """``true``/``false`` (and 1/0, yes/no) as podman spells its boolean options.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{option}={value!r}", field=option, allowed=["true", "false"])
+
+
+@contextmanager
+def progress_bar(label: str, enabled: bool = True) -> Iterator[ProgressCallback]:
+    """A rich progress bar on stderr when it is a terminal; a no-op otherwise."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    show = enabled and _err.is_terminal
     with Progress(*columns, console=_err, transient=True, disable=not show) as bar:
-        task = bar.add_task("guest image", total=1.0)
+        task = bar.add_task(label, total=1.0)
 
-        def progress(step: str, fraction: float | None) -> None:
-            bar.update(task, description=step, completed=fraction if fraction is not None else None)
+        def update(step: str, fraction: float | None) -> None:
+            bar.update(task, description=f"{label}: {step}", completed=fraction)
 
-        image = build_image(flavour, cache_dir=cache_dir, force=force, progress=progress)
-    doc: dict[str, Any] = json.loads(image.manifest.read_text())
+        yield update
+
+
+@image_app.command("pull")
+def pull_(
+    ref: Annotated[str, typer.Argument(help="The image reference (see `vc image --help`).")],
+    tls_verify: TlsVerify = "true",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the image as JSON.")] = False,
+) -> None:
+    """Fetch an image into the local store and build its root disk; prints its id."""
+    verify = parse_bool(tls_verify, "--tls-verify")
+    with progress_bar(ref, enabled=not as_json) as progress:
+        image = pull(ref, tls_verify=verify, progress=progress)
     if as_json:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.write(json.dumps(image.to_dict(), indent=2) + "\n")
         return
-    _out.print(f"[bold]{image.flavour}[/] image, kernel {image.kernel_release}", highlight=False)
-    _out.print(f"  kernel  {image.kernel}", highlight=False, soft_wrap=True)
-    _out.print(f"  initrd  {image.initrd}", highlight=False, soft_wrap=True)
-    agent = "included" if doc.get("agent", {}).get("included") else "not included (no source)"
-    _out.print(f"  agent   {agent}", highlight=False)
-    _out.print(f"  built   {doc.get('built_at', '?')} in {doc.get('build_seconds', '?')} s")
+    _out.print(
+        f"{image.id}  {image.disk_format} {image.disk_size / 1e6:.1f} MB  "
+        f"({image.build_seconds:g} s)",
+        highlight=False,
+    )
 
 
 @image_app.command("ls")
 def ls(
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print every manifest as a JSON list.")
-    ] = False,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Cache root to list.")
-    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
-    """List cached guest images, newest first (never runs apt)."""
-    images = list_images(cache_dir)
+    """List the images in the local store, newest first."""
+    images = ImageStore().images()
     if as_json:
-        sys.stdout.write(json.dumps([doc for _img, doc in images], indent=2) + "\n")
+        sys.stdout.write(json.dumps([i.to_dict() for i in images], indent=2) + "\n")
         return
     if not images:
-        root = cache_dir or default_cache_dir()
-        _err.print(f"no guest images under {root}/images; build one with `vc image build`")
+        _err.print("no images; fetch one with `vc image pull REF`")
         return
-    table = Table("key", "flavour", "kernel release", "version", "agent", "initrd", "built")
+    table = Table("reference", "image id", "platform", "layers", "disk", "pulled")
     for column in table.columns:
         column.no_wrap = True
-    for image, doc in images:
-        kernel_pkg = doc.get("packages", {}).get("kernel", {})
-        table.add_row(
-            str(doc.get("key", image.manifest.parent.name))[:12],
-            image.flavour,
-            image.kernel_release,
-            str(kernel_pkg.get("version", "?")),
-            "yes" if doc.get("agent", {}).get("included") else "no",
-            f"{image.initrd.stat().st_size / 1e6:.1f} MB",
-            str(doc.get("built_at", "?"))[:16].replace("T", " "),
-        )
+    for image in images:
+        platform = f"{image.config.os}/{image.config.architecture}"
+        for ref in image.refs or ("<none>",):
+            table.add_row(
+                ref,
+                image.short_id,
+                platform,
+                str(image.layers),
+                f"{image.disk_format} {image.disk_size / 1e6:.1f} MB",
+                image.pulled_at[:16].replace("T", " "),
+            )
     _out.print(table)
 
 
-@image_app.command("prune")
-def prune(
-    keep: Annotated[
-        int, typer.Option("--keep", min=1, help="Images to keep per flavour, newest first.")
-    ] = 1,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Cache root to prune.")
-    ] = None,
+@image_app.command("rm")
+def rm(
+    refs: Annotated[list[str], typer.Argument(help="References or image ids to remove.")],
 ) -> None:
-    """Delete older cached images (builds keep the 3 newest per flavour by themselves)."""
-    removed = prune_images(cache_dir, keep=keep)
-    for folder in removed:
-        _out.print(f"removed {folder}", highlight=False, soft_wrap=True)
+    """Untag images; an image no reference points to any more is deleted with its disk."""
+    store = ImageStore()
+    for ref in refs:
+        for gone in store.remove(ref):
+            _out.print(f"untagged {gone}", highlight=False, soft_wrap=True)
+
+
+@image_app.command("inspect")
+def inspect(
+    ref: Annotated[str, typer.Argument(help="A reference or image id in the local store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (the default).")] = True,
+) -> None:
+    """Show a stored image: id, refs, digests, config (Env, Entrypoint, Cmd, ...), disk."""
+    image = ImageStore().require(ref)
+    sys.stdout.write(json.dumps(image.to_dict(), indent=2) + "\n")
+
+
+@image_app.command("prune")
+def prune() -> None:
+    """Delete images no reference points to, and pulls left behind by dead processes."""
+    removed = ImageStore().prune()
+    for name in removed:
+        _out.print(f"removed {name}", highlight=False)
     if not removed:
         _err.print("nothing to prune")
+
+
+@image_app.command(
+    "build",
+    help="Alias of `vc guest build` (builds the guest kernel + initramfs, not an OCI image).",
+)
+def build_alias(
+    flavour: Annotated[str, typer.Option("--flavour", "-f")] = "cloud",
+    force: Annotated[bool, typer.Option("--force")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir")] = None,
+) -> None:
+    guest.build(flavour=flavour, force=force, as_json=as_json, cache_dir=cache_dir)

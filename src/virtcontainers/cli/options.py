@@ -27,8 +27,13 @@ Kernel = Annotated[
 Initrd = Annotated[
     Path | None, typer.Option("--initrd", help="Guest initrd (default: the built image's).")
 ]
-Image = Annotated[
-    Path | None, typer.Option("--image", help="Guest root filesystem image instead of an initrd.")
+GuestDisk = Annotated[
+    Path | None,
+    typer.Option(
+        "--guest-disk",
+        help="A raw guest root disk to boot instead of the initrd (the guest OS itself; "
+        "for container software use --image).",
+    ),
 ]
 Flavour = Annotated[
     str,
@@ -93,7 +98,7 @@ def build_config(
     memory: int,
     kernel: Path | None,
     initrd: Path | None,
-    image: Path | None,
+    guest_disk: Path | None,
     flavour: str,
 ) -> HypervisorConfig:
     """A config from the command line; the built guest image fills what is not given.
@@ -106,21 +111,21 @@ def build_config(
     from virtcontainers.guest.image import find_image
 
     config = HypervisorConfig()
-    if kernel is None or (initrd is None and image is None):
+    if kernel is None or (initrd is None and guest_disk is None):
         built = find_image(flavour)
         if built is None:
             raise ConfigError(
-                f"no {flavour} guest image yet: run `vc image build --flavour {flavour}`, "
-                "or pass --kernel and --initrd/--image"
+                f"no {flavour} guest image yet: run `vc guest build --flavour {flavour}`, "
+                "or pass --kernel and --initrd/--guest-disk"
             )
         kernel = kernel or built.kernel
-        if image is None:
+        if guest_disk is None:
             initrd = initrd or built.initrd
     config.boot.kernel_path = str(kernel.resolve())
     if initrd is not None:
         config.boot.initrd_path = str(initrd.resolve())
-    if image is not None:
-        config.boot.image_path = str(image.resolve())
+    if guest_disk is not None:
+        config.boot.image_path = str(guest_disk.resolve())
     config.resources.num_vcpus, config.resources.default_max_vcpus = vcpus(cpus, max_cpus)
     config.resources.memory_size = memory
     config.storage.block_device_driver = "virtio-blk"

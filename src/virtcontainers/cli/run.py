@@ -25,7 +25,7 @@ def run(
     memory: options.Memory = 512,
     kernel: options.Kernel = None,
     initrd: options.Initrd = None,
-    image: options.Image = None,
+    guest_disk: options.GuestDisk = None,
     flavour: options.Flavour = "cloud",
     share: options.Shares = None,
     network: options.Network = "none",
@@ -52,7 +52,7 @@ def run(
         memory=memory,
         kernel=kernel,
         initrd=initrd,
-        image=image,
+        guest_disk=guest_disk,
         flavour=flavour,
     )
     devices = options.share_devices(share)

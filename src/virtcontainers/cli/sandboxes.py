@@ -56,7 +56,7 @@ def create(
     memory: options.Memory = 512,
     kernel: options.Kernel = None,
     initrd: options.Initrd = None,
-    image: options.Image = None,
+    guest_disk: options.GuestDisk = None,
     flavour: options.Flavour = "cloud",
     share: options.Shares = None,
     network: options.Network = "none",
@@ -69,7 +69,7 @@ def create(
     """Record a new sandbox (nothing boots until `vc start ID`). Prints its id."""
     config = options.build_config(
         cpus=cpus, max_cpus=max_cpus, memory=memory, kernel=kernel, initrd=initrd,
-        image=image, flavour=flavour,
+        guest_disk=guest_disk, flavour=flavour,
     )  # fmt: skip
     from virtcontainers.sandbox import Sandbox
 

@@ -8,7 +8,7 @@ __all__ = ["ImageBuildError"]
 
 _HINT = (
     "to boot without the builder, pass your own kernel and initrd "
-    "(--kernel PATH --initrd PATH) or a disk image (--image PATH)"
+    "(--kernel PATH --initrd PATH) or a guest root disk (--guest-disk PATH)"
 )
 
 
