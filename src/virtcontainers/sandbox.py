@@ -46,6 +46,9 @@ from virtcontainers.devices import (
 from virtcontainers.errors import AgentError, HypervisorError, StateError, StoreError
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
+from virtcontainers.images.pull import ensure_image
+from virtcontainers.images.sandbox_image import SandboxImage
+from virtcontainers.images.store import ImageStore, StoredImage
 from virtcontainers.listing import SandboxInfo, _append_json, _info, list_sandboxes
 from virtcontainers.network import Attachment, NetworkSpec
 from virtcontainers.persist.hypervisor_state import HypervisorState
@@ -92,6 +95,7 @@ class Sandbox:
         self.use_server = True
         #: The server's own agent connections come from its relay, not the channel.
         self.agent_source: Callable[[], Awaitable[AgentClient]] | None = None
+        self._image: SandboxImage | None = None
 
     # -- construction -----------------------------------------------------------------
 
@@ -105,18 +109,40 @@ class Sandbox:
         devices: Sequence[ColdPlugDevice] = (),
         store: StateStore | None = None,
         network: NetworkSpec | None = None,
+        image: str | StoredImage | None = None,
+        disk_size_mb: int = 0,
+        image_store: ImageStore | None = None,
+        tls_verify: bool = True,
     ) -> Sandbox:
         """Record a new sandbox (nothing runs until :meth:`start`).
 
         ``network``: none by default (only ``lo``); see :class:`virtcontainers.network.NetworkSpec`.
 
+        ``image``: an OCI image reference (pulled first when it is not in ``image_store``)
+        or a stored image. Its root disk is attached read-only, the guest runs every process
+        in it (overlay with a tmpfs upper, or a scratch disk of ``disk_size_mb`` MiB), and
+        its Env, WorkingDir and User are the defaults of :meth:`exec`.
+
         Raises:
-            ConfigError: invalid config, hypervisor type or network (a mode the driver lacks,
-                tap without root, a malformed or busy published port, an egress policy the
-                mode cannot enforce). StoreError: the id is taken or invalid, or the store
-                is unusable.
+            ConfigError: invalid config, hypervisor type, scratch size or network (a mode the
+                driver lacks, tap without root, a malformed or busy published port, an egress
+                policy the mode cannot enforce). StoreError: the id is taken or invalid, or
+                the store is unusable. ImageError (and subclasses): the image cannot be
+                pulled (see :func:`virtcontainers.images.pull`).
         """
         store = store or StateStore()
+        sandbox_image: SandboxImage | None = None
+        if image is not None:
+            stored = (
+                image
+                if isinstance(image, StoredImage)
+                else await asyncio.to_thread(
+                    ensure_image, image, store=image_store, tls_verify=tls_verify
+                )
+            )
+            ref = image if isinstance(image, str) else (stored.refs[0] if stored.refs else "")
+            sandbox_image = SandboxImage.from_stored(stored, ref, scratch_mb=disk_size_mb)
+            config = sandbox_image.configure(config)
         kind = (
             hypervisor
             if isinstance(hypervisor, HypervisorType)
@@ -128,6 +154,15 @@ class Sandbox:
         Attachment.check(spec, kind.value)
         sandbox_id = id or secrets.token_hex(6)
         run_dir = store.create_sandbox_dir(sandbox_id)
+        all_devices = list(devices)
+        extra = {}
+        if sandbox_image is not None:
+            try:
+                all_devices = [*sandbox_image.devices(run_dir), *all_devices]
+            except BaseException:
+                store.delete(sandbox_id)
+                raise
+            extra["image"] = sandbox_image.to_json()
         doc = SandboxDocument(
             id=sandbox_id,
             hypervisor_type=kind.value,
@@ -138,13 +173,15 @@ class Sandbox:
             ),
             config=config_to_dict(config),
             extra={
-                "devices": json.dumps([_device_to_dict(d) for d in devices]),
+                **extra,
+                "devices": json.dumps([_device_to_dict(d) for d in all_devices]),
                 "network": json.dumps(spec.to_dict()),
             },
         )
         store.save(sandbox_id, doc)
         sandbox = cls(doc, store)
-        sandbox._devices = list(devices)
+        sandbox._devices = all_devices
+        sandbox._image = sandbox_image
         return sandbox
 
     @classmethod
@@ -160,6 +197,8 @@ class Sandbox:
         sandbox._devices = [
             _device_from_dict(d) for d in json.loads(doc.extra.get("devices", "[]"))
         ]
+        if doc.extra.get("image"):
+            sandbox._image = SandboxImage.from_json(doc.extra["image"])
         return sandbox
 
     @staticmethod
@@ -189,6 +228,11 @@ class Sandbox:
         """The recorded agent channel (``{"kind": "serial", "path": ...}``; empty before
         the VM started)."""
         return self._doc.agent
+
+    @property
+    def image(self) -> SandboxImage | None:
+        """The OCI image this sandbox runs in (None: the plain busybox guest)."""
+        return self._image
 
     @property
     def hypervisor(self) -> Hypervisor:
@@ -405,15 +449,19 @@ class Sandbox:
         gid: int | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the guest to completion: stdout, stderr, exit code or signal.
 
         ``timeout`` kills the command's process group after that many seconds
-        (``result.timed_out``).
+        (``result.timed_out``). In an image sandbox the image's Env (under ``env``),
+        WorkingDir (unless ``cwd``) and User (unless ``user`` or ``uid``/``gid``) apply.
 
         Raises:
             AgentError: the agent is unreachable or refused (e.g. no such program).
+            ConfigError: ``user`` is not in the image's /etc/passwd or /etc/group.
         """
+        env, cwd, uid, gid = self._exec_defaults(env, cwd, uid, gid, user)
         agent = await self._connect_agent()
         return await agent.exec(
             list(argv), env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
@@ -431,9 +479,11 @@ class Sandbox:
         timeout: float | None = None,
         tty_size: tuple[int, int] | None = None,
         detach: bool = False,
+        user: str | None = None,
     ) -> ExecProcess:
         """Start ``argv``; iterate the result for ``(stream, bytes)`` as output comes, write
-        its stdin with ``write_stdin``, and ``wait()`` for its exit status.
+        its stdin with ``write_stdin``, and ``wait()`` for its exit status. Image defaults
+        apply as in :meth:`exec`.
 
         ``tty_size``: (rows, cols) of the pty. ``detach``: the process outlives this client
         (needs a sandbox server, which keeps its output for a later ``attach``).
@@ -442,6 +492,7 @@ class Sandbox:
             AgentError: the agent is unreachable or refused. StateError: ``detach`` without
                 a sandbox server.
         """
+        env, cwd, uid, gid = self._exec_defaults(env, cwd, uid, gid, user)
         agent = await self._connect_agent()
         extra: list[tuple[int, bytes]] = []
         if detach:
@@ -455,6 +506,22 @@ class Sandbox:
             list(argv), env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout,
             tty_size=tty_size, extra_items=extra,
         )  # fmt: skip
+
+    def _exec_defaults(
+        self,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        uid: int | None,
+        gid: int | None,
+        user: str | None,
+    ) -> tuple[Mapping[str, str] | None, str | None, int | None, int | None]:
+        if self._image is not None:
+            return self._image.exec_defaults(env, cwd, uid, gid, user)
+        if user is not None:
+            # The busybox guest knows only root by name; numbers work as they are.
+            u, g = SandboxImage.numeric_user(user)
+            uid, gid = (u if uid is None else uid), (g if gid is None else gid)
+        return env, cwd, uid, gid
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         await (await self._connect_agent()).write_file(path, data, mode)

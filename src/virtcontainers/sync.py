@@ -19,6 +19,7 @@ from virtcontainers.agent.client import ExecResult
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import ColdPlugDevice, HotplugDevice
 from virtcontainers.hypervisor import HypervisorType
+from virtcontainers.images.store import StoredImage
 from virtcontainers.network import NetworkSpec
 from virtcontainers.persist.store import StateStore
 from virtcontainers.sandbox import Sandbox, SandboxInfo
@@ -62,9 +63,12 @@ class SyncSandbox:
         store: StateStore | None = None,
         server: bool = False,
         network: NetworkSpec | None = None,
+        image: str | StoredImage | None = None,
+        disk_size_mb: int = 0,
     ) -> SyncSandbox:
         """Record a new sandbox; ``server``: ``with`` starts it in an ephemeral sandbox
-        server (removed when this process ends, however it ends) instead of in-process."""
+        server (removed when this process ends, however it ends) instead of in-process.
+        ``image``: an OCI image to run in (see :meth:`Sandbox.create`)."""
         loop = _LoopThread()
         try:
             sandbox = loop.run(
@@ -75,6 +79,8 @@ class SyncSandbox:
                     devices=devices,
                     store=store,
                     network=network,
+                    image=image,
+                    disk_size_mb=disk_size_mb,
                 )
             )
         except BaseException:
@@ -115,10 +121,18 @@ class SyncSandbox:
         gid: int | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         return self._loop.run(
             self._sandbox.exec(
-                argv, env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
+                argv,
+                env=env,
+                cwd=cwd,
+                uid=uid,
+                gid=gid,
+                stdin=stdin,
+                timeout=timeout,
+                user=user,
             )
         )
 

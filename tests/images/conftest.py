@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from virtcontainers.images import ImageStore
+from virtcontainers.images import ImageStore, StoredImage, pull
 from virtcontainers.testing.oci_images import (
     TestImageError,
     busybox_layout,
@@ -60,3 +60,22 @@ def registry() -> Iterator[LocalRegistry]:
     _need("docker-registry", "skopeo")
     with local_registry() as reg:
         yield reg
+
+
+# The real-guest fixtures (guest image, private state root) are the integration suite's.
+# The API documents' checkers, for the driver tests (fixtures of the contract suites).
+from tests.contract.test_clh_contract import spec  # noqa: E402, F401
+from tests.contract.test_firecracker_contract import contract  # noqa: E402, F401
+from tests.integration.conftest import guest_image, vc_root  # noqa: E402, F401
+
+
+@pytest.fixture
+def busybox_image(busybox_oci: Path, store: ImageStore) -> StoredImage:
+    """The busybox test image pulled into this test's private store."""
+    return pull(f"oci:{busybox_oci}", store=store)
+
+
+@pytest.fixture
+def debian_image(debian_oci: Path, store: ImageStore) -> StoredImage:
+    """The Debian + python3 test image pulled into this test's private store."""
+    return pull(f"oci:{debian_oci}", store=store)

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from virtcontainers.cli import guest
+from virtcontainers.cli import guest, options
 from virtcontainers.cli.app import app
-from virtcontainers.errors import ConfigError
+from virtcontainers.cli.options import parse_bool
 from virtcontainers.images import ImageStore, pull
 from virtcontainers.images.pull import ProgressCallback
 
@@ -46,28 +46,7 @@ app.add_typer(image_app, name="image")
 _out = Console() if sys.stdout.isatty() else Console(width=200)
 _err = Console(stderr=True)
 
-TlsVerify = Annotated[
-    str,
-    typer.Option(
-        "--tls-verify",
-        help="true (default) or false: false talks plain HTTP or unverified TLS to the "
-        "registry (a local test registry), as podman's --tls-verify=false.",
-    ),
-]
-
-
-def parse_bool(value: str, option: str) -> bool:
-    """``true``/``false`` (and 1/0, yes/no) as podman spells its boolean options.
-
-    Raises:
-        ConfigError: anything else.
-    """
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ConfigError(f"{option}={value!r}", field=option, allowed=["true", "false"])
+TlsVerify = options.TlsVerify
 
 
 @contextmanager

@@ -166,3 +166,117 @@ def share_devices(shares: list[str] | None) -> list[ColdPlugDevice]:
             raise ConfigError(f"--share {spec}: {path} is not a directory", field="--share")
         devices.append(FsShare(host_path=str(path), mount_tag=tag or path.name))
     return devices
+
+
+# -- OCI images and the process (docker's spellings) ---------------------------------------
+
+OciImage = Annotated[
+    str | None,
+    typer.Option(
+        "--image",
+        help="An OCI image to run in (pulled when not in the store): NAME[:TAG], "
+        "HOST[:PORT]/PATH[:TAG][@sha256:HEX], oci:DIR[:TAG], docker-archive:FILE, dir:PATH, "
+        "tar:FILE. Without a command the image's Entrypoint + Cmd run.",
+    ),
+]
+Env = Annotated[
+    list[str] | None,
+    typer.Option("--env", "-e", help="Set K=V in the process environment (K alone: from ours)."),
+]
+Workdir = Annotated[
+    str | None, typer.Option("--workdir", "-w", help="Working directory in the guest.")
+]
+User = Annotated[
+    str | None,
+    typer.Option(
+        "--user", "-u", help="name, uid, name:group or uid:gid (the image's /etc/passwd)."
+    ),
+]
+Entrypoint = Annotated[
+    str | None,
+    typer.Option("--entrypoint", help="Replace the image's Entrypoint ('' clears it)."),
+]
+DiskSize = Annotated[
+    str | None,
+    typer.Option(
+        "--disk-size",
+        help="A scratch disk of this size (512M, 2G) for the image's writable layer instead "
+        "of guest RAM (tmpfs).",
+    ),
+]
+TlsVerify = Annotated[
+    str,
+    typer.Option("--tls-verify", help="false: pull over plain HTTP / unverified TLS."),
+]
+
+
+def env_items(items: list[str] | None) -> dict[str, str] | None:
+    """``-e`` items as a mapping; a bare ``K`` takes our own ``$K`` (skipped when unset).
+
+    Raises:
+        ConfigError: an item with an empty name.
+    """
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"--env {item!r}: the variable name is empty", field="--env")
+        if sep:
+            out[key] = value
+        elif key in os.environ:
+            out[key] = os.environ[key]
+    return out
+
+
+def disk_size_mb(text: str | None) -> int:
+    """``--disk-size`` (``512M``, ``2G``, ``1024`` = MiB) in MiB; 0 when not given.
+
+    Raises:
+        ConfigError: not a size.
+    """
+    if not text:
+        return 0
+    units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    factor: float = 1
+    if raw and raw[-1] in units:
+        factor, raw = units[raw[-1]], raw[:-1]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"--disk-size {text!r} is not a size", field="--disk-size",
+            allowed=["512M", "2G", "1024 (MiB)"],
+        ) from None  # fmt: skip
+    return int(value * factor)
+
+
+#: The busybox guest's PATH (its init exports it), under ``-e`` items without an image.
+GUEST_PATH = "/sbin:/bin:/usr/sbin:/usr/bin"
+
+
+def plain_env(env: dict[str, str] | None) -> dict[str, str] | None:
+    """``-e`` for a sandbox without an image: added to the guest's PATH, not replacing it."""
+    return {"PATH": GUEST_PATH, **env} if env else None
+
+
+def entrypoint_argv(entrypoint: str | None) -> list[str] | None:
+    if entrypoint is None:
+        return None
+    return [entrypoint] if entrypoint else []
+
+
+def parse_bool(value: str, option: str) -> bool:
+    """``true``/``false`` (and 1/0, yes/no) as podman spells its boolean options.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{option}={value!r}", field=option, allowed=["true", "false"])

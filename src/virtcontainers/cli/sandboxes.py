@@ -64,16 +64,35 @@ def create(
     allow_egress: options.AllowEgress = None,
     tap_range: options.TapRange = options.DEFAULT_TAP_RANGE,
     name: Annotated[str | None, typer.Option("--id", help="Sandbox id (default: random).")] = None,
+    image: options.OciImage = None,
+    disk_size: options.DiskSize = None,
+    tls_verify: options.TlsVerify = "true",
     as_json: Json = False,
 ) -> None:
-    """Record a new sandbox (nothing boots until `vc start ID`). Prints its id."""
+    """Record a new sandbox (nothing boots until `vc start ID`). Prints its id.
+
+    With --image every `vc exec` runs in that image's root file system, with its Env,
+    WorkingDir and User unless -e/-w/-u say otherwise.
+    """
     config = options.build_config(
         cpus=cpus, max_cpus=max_cpus, memory=memory, kernel=kernel, initrd=initrd,
         guest_disk=guest_disk, flavour=flavour,
     )  # fmt: skip
+    if image is None and disk_size:
+        raise ConfigError("--disk-size needs --image", field="--disk-size")
     from virtcontainers.sandbox import Sandbox
 
     spec = options.network_spec(network, publish, allow_egress, tap_range)
+    stored = None
+    if image is not None:
+        from virtcontainers.cli.image import progress_bar
+        from virtcontainers.images import ensure_image
+
+        with progress_bar(image) as progress:
+            stored = ensure_image(
+                image, tls_verify=options.parse_bool(tls_verify, "--tls-verify"),
+                progress=progress,
+            )  # fmt: skip
     sandbox = _run(
         Sandbox.create(
             config,
@@ -81,6 +100,8 @@ def create(
             hypervisor=hypervisor,
             devices=options.share_devices(share),
             network=spec,
+            image=stored,
+            disk_size_mb=options.disk_size_mb(disk_size),
         )
     )
     _emit(sandbox.info().to_dict(), as_json, sandbox.id)
@@ -124,8 +145,13 @@ def exec_(
         bool,
         typer.Option("--detach", "-d", help="Start it in the background; print its pid."),
     ] = False,
+    env: options.Env = None,
+    workdir: options.Workdir = None,
+    user: options.User = None,
 ) -> None:
-    """Run COMMAND in a running sandbox; exits with its exit code.
+    """Run COMMAND in a running sandbox; exits with its exit code (127: not found).
+
+    In an image sandbox the image's Env, WorkingDir and User apply; -e/-w/-u override them.
 
     `-it` gives an interactive terminal (raw mode, window size forwarded, Ctrl-C reaches the
     guest process). `-d` returns at once with the guest pid: see `vc top`, `vc attach`,
@@ -135,19 +161,25 @@ def exec_(
     """
 
     argv = command[1:] if command[:1] == ["--"] else command
+    how = _exec_process(sandbox_id, options.env_items(env), workdir, user)
 
     async def go() -> int:
-        from virtcontainers.cli.streams import follow, terminal_size
+        from virtcontainers.agent.client import AgentRequestError
+        from virtcontainers.cli.streams import exec_failed, follow, terminal_size
 
         client = await _server_client(sandbox_id)
         if client is None:  # no server (it died): reattach directly
             return await _direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
-                                      detach=detach)  # fmt: skip
+                                      detach=detach, how=how)  # fmt: skip
         try:
             size = terminal_size() if tty else None
-            proc = await client.exec_stream(
-                argv, tty=tty, tty_size=size, keep=detach, no_stdin=detach and not interactive
-            )
+            try:
+                proc = await client.exec_stream(
+                    argv, how.env, how.cwd, how.uid, how.gid, tty=tty, tty_size=size,
+                    keep=detach, no_stdin=detach and not interactive,
+                )  # fmt: skip
+            except AgentRequestError as exc:
+                return exec_failed(exc)
             if detach:
                 print(proc.pid)
                 return 0
@@ -158,8 +190,39 @@ def exec_(
     raise typer.Exit(_run(go()))
 
 
+class _ExecHow:
+    """The environment, working directory and ids an exec gets (image defaults applied)."""
+
+    def __init__(
+        self, env: dict[str, str] | None, cwd: str | None, uid: int | None, gid: int | None
+    ) -> None:
+        self.env, self.cwd, self.uid, self.gid = env, cwd, uid, gid
+
+
+def _exec_process(
+    sandbox_id: str, env: dict[str, str] | None, workdir: str | None, user: str | None
+) -> _ExecHow:
+    """``-e/-w/-u`` over the sandbox's image config (read from its record, so the server
+    path needs no sandbox layer); without an image ``-e`` adds to the guest's PATH."""
+    from virtcontainers.persist.store import StateStore
+
+    doc = StateStore().load(sandbox_id)
+    if doc.extra.get("image"):
+        from virtcontainers.images.sandbox_image import SandboxImage
+
+        image = SandboxImage.from_json(doc.extra["image"])
+        full, cwd, uid, gid = image.exec_defaults(env, workdir, None, None, user)
+        return _ExecHow(full, cwd, uid, gid)
+    ids: tuple[int | None, int | None] = (None, None)
+    if user is not None:
+        from virtcontainers.images.sandbox_image import SandboxImage
+
+        ids = SandboxImage.numeric_user(user)
+    return _ExecHow(options.plain_env(env), workdir, *ids)
+
+
 async def _direct_exec(
-    sandbox_id: str, argv: list[str], *, tty: bool, interactive: bool, detach: bool
+    sandbox_id: str, argv: list[str], *, tty: bool, interactive: bool, detach: bool, how: _ExecHow
 ) -> int:
     from virtcontainers.cli.streams import stream_exec
     from virtcontainers.sandbox import Sandbox
@@ -168,7 +231,10 @@ async def _direct_exec(
     try:
         if detach:
             await sandbox.exec_stream(argv, detach=True)  # raises: needs a server
-        return await stream_exec(sandbox, argv, tty=tty, interactive=interactive)
+        return await stream_exec(
+            sandbox, argv, tty=tty, interactive=interactive, env=how.env, cwd=how.cwd,
+            uid=how.uid, gid=how.gid,
+        )  # fmt: skip
     finally:
         await sandbox.close()
 

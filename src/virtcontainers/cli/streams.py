@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import stat
 import sys
 import termios
 import tty as tty_mod
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING
 
 from virtcontainers.agent.client import ExecProcess, ExitStatus, Stream
 
 if TYPE_CHECKING:
+    from virtcontainers.agent.client import AgentRequestError
     from virtcontainers.sandbox import Sandbox
 
 
@@ -42,13 +44,47 @@ def terminal_size() -> tuple[int, int] | None:
 
 
 async def stream_exec(
-    sandbox: Sandbox, argv: list[str], *, tty: bool = False, interactive: bool = False
+    sandbox: Sandbox,
+    argv: list[str],
+    *,
+    tty: bool = False,
+    interactive: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    user: str | None = None,
 ) -> int:
     """Run ``argv``, copy its output to ours as it comes, feed it our stdin when that is not
-    a terminal (or with ``interactive``). Returns a shell-style exit code."""
+    a terminal (or with ``interactive``). Returns a shell-style exit code; a program that
+    cannot be started gives docker's codes: 127 when it is not found, else 126, with the
+    agent's message (naming the program) on stderr."""
+    from virtcontainers.agent.client import AgentRequestError
+
     size = terminal_size() if tty else None
-    proc = await sandbox.exec_stream(argv, tty=tty, tty_size=size)
+    try:
+        proc = await sandbox.exec_stream(
+            argv, tty=tty, tty_size=size, env=env, cwd=cwd, uid=uid, gid=gid, user=user
+        )
+    except AgentRequestError as exc:
+        return exec_failed(exc)
     return await follow(proc, tty=tty, interactive=interactive)
+
+
+def exec_failed(exc: AgentRequestError) -> int:
+    """docker's exit code for a program that could not be started (127: not found, else
+    126), with the agent's message (naming the program) on stderr; re-raises other errors."""
+    from virtcontainers.agent.protocol import ErrorCode
+
+    if exc.code != ErrorCode.EXEC:
+        raise exc
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True
+    )
+    return 127 if exc.errno == errno.ENOENT and exc.message.startswith("execve") else 126
 
 
 async def follow(proc: ExecProcess, *, tty: bool, interactive: bool) -> int:

@@ -30,6 +30,8 @@ from virtcontainers.config import HypervisorConfig
 from virtcontainers.drivers.qemu import QemuHypervisor
 from virtcontainers.errors import AgentError, ConfigError
 from virtcontainers.hypervisor import HypervisorType, NetworkNamespace
+from virtcontainers.images.sandbox_image import SandboxImage
+from virtcontainers.images.store import StoredImage
 from virtcontainers.persist.store import StateStore
 from virtcontainers.sandbox import Sandbox
 
@@ -89,10 +91,21 @@ class Template:
     clone will be made any more (running clones keep their mapping of the deleted file).
     """
 
-    def __init__(self, config: HypervisorConfig, path: Path, *, owns_path: bool) -> None:
+    def __init__(
+        self,
+        config: HypervisorConfig,
+        path: Path,
+        *,
+        owns_path: bool,
+        image: StoredImage | None = None,
+    ) -> None:
         self.config = config
         self.path = path
         self._owns_path = owns_path
+        #: The OCI image the template (and so every clone) runs in; its read-only disk is
+        #: the same file for all of them, and each clone's writable layer starts as a
+        #: private copy of the template's (it lives in guest RAM).
+        self.image = image
 
     @property
     def memory_path(self) -> Path:
@@ -110,12 +123,14 @@ class Template:
         *,
         timeout: float = 120.0,
         require_tmpfs: bool = True,
+        image: StoredImage | None = None,
     ) -> Template:
         """Boot a template VM from ``config``, wait for its agent, save it, stop it.
 
         ``path`` is a directory for ``memory`` and ``state`` (created if missing; default a
         fresh directory under /dev/shm). It must be on tmpfs unless ``require_tmpfs`` is
-        false: the memory file is the guest's RAM.
+        false: the memory file is the guest's RAM. ``image``: a stored OCI image the
+        template and its clones run in (its root disk is attached read-only to each).
 
         Raises:
             ConfigError: bad config, or ``path`` not on tmpfs. LaunchError /
@@ -124,9 +139,11 @@ class Template:
         owns = path is None
         where = _template_dir(path, require_tmpfs)
         cfg = config.copy()
+        if image is not None:
+            cfg = SandboxImage.from_stored(image, "").configure(cfg)
         cfg.template.boot_to_be_template = True
         cfg.template.boot_from_template = False
-        template = cls(cfg, where, owns_path=owns)
+        template = cls(cfg, where, owns_path=owns, image=image)
         cfg.template.memory_path = str(template.memory_path)
         cfg.template.devices_state_path = str(template.state_path)
         try:
@@ -140,6 +157,11 @@ class Template:
         deadline = time.monotonic() + timeout
         hv = QemuHypervisor()
         await hv.create_sandbox(f"template-{secrets.token_hex(4)}", NetworkNamespace(), self.config)
+        if self.image is not None:
+            # The same devices, in the same order, as each clone's Sandbox.create gives it:
+            # migration needs the device sets to match.
+            for drive in SandboxImage.from_stored(self.image, "").devices(self.path):
+                await hv.add_device(drive)
         try:
             await hv.start_sandbox(timeout)
             await _wait_for_agent(str(hv.paths.agent), deadline, timeout)
@@ -185,8 +207,9 @@ class Template:
             AgentError: the clone did not restore or its agent did not answer.
         """
         sb = await Sandbox.create(
-            self.clone_config(), id=id, hypervisor=HypervisorType.QEMU, store=store
-        )
+            self.clone_config(), id=id, hypervisor=HypervisorType.QEMU, store=store,
+            image=self.image,
+        )  # fmt: skip
         try:
             await sb.start(timeout, server=server, ephemeral=ephemeral)
             if sync_guest:
@@ -214,7 +237,8 @@ async def sync_clone(sb: Sandbox) -> None:
     """Reseed the guest RNG and set its clock to the host's, through the agent."""
     seed = secrets.token_bytes(_RESEED_BYTES)
     script = f"cat > /dev/urandom && date -s @{int(time.time())} > /dev/null"
-    result = await sb.exec(["/bin/sh", "-c", script], stdin=seed, timeout=10.0)
+    # As root whatever the image's User is: setting the clock needs it.
+    result = await sb.exec(["/bin/sh", "-c", script], stdin=seed, timeout=10.0, uid=0, gid=0)
     if result.exit_code != 0:
         raise AgentError(
             f"sandbox {sb.id}: reseeding/clock sync failed ({result.exit_code}): "

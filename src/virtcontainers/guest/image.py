@@ -27,6 +27,8 @@ The guest's ``/init`` contract (busybox sh, PID 1 for the guest's whole life):
    set the hostname (``vc.hostname=NAME`` on the kernel command line, default ``vc-guest``);
 2. ``insmod`` the boot modules listed in ``/etc/vc/modules.load`` (dependencies first); the other
    shipped modules load on demand with ``modprobe`` (``modules.dep``/``modules.alias`` present);
+   with ``vc.rootfs=`` on the command line (an OCI image sandbox) ``erofs`` and ``overlay``
+   are loaded too, for the agent's container root (``docs/agent-protocol.md``);
 3. bring ``lo`` up; write ``/etc/hosts`` (localhost and the hostname) and an empty
    ``/etc/resolv.conf`` in the initramfs root (container roots bind-mount both); with
    ``vc.net=ADDRESS/PREFIX,GATEWAY,HOST[,DNS...]`` on the kernel command line (IPv4, from
@@ -121,7 +123,16 @@ _BOOT_MODULES = (
     "virtio_rng",
 )
 #: Shipped for ``modprobe`` when the kernel has them; not loaded at boot.
-_EXTRA_MODULES = ("virtiofs", "virtio_balloon", "virtio_mem", "virtio_mmio", "virtio_pmem")
+_EXTRA_MODULES = (
+    "virtiofs",
+    "virtio_balloon",
+    "virtio_mem",
+    "virtio_mmio",
+    "virtio_pmem",
+    # OCI image sandboxes: /init loads these when the kernel command line has vc.rootfs=.
+    "erofs",
+    "overlay",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ BUSYBOX_CONFIG = TestImageConfig(
 _BUSYBOX_APPLETS = (
     "sh", "true", "false", "echo", "env", "id", "pwd", "cat", "ls", "test",
     "sleep", "rm", "mkdir", "touch", "mount", "uname", "hostname", "stat",
+    "dd", "date", "grep", "head", "seq",
 )  # fmt: skip
 
 
@@ -202,7 +203,12 @@ def busybox_layout() -> Path:
     busybox = Path("/bin/busybox")
     if not busybox.is_file():
         raise TestImageError("/bin/busybox is missing (apt-get install busybox-static)")
-    inputs = {"v": BUILDER_VERSION, "busybox": _sha256(busybox), "config": BUSYBOX_CONFIG.key()}
+    inputs = {
+        "v": BUILDER_VERSION,
+        "busybox": _sha256(busybox),
+        "config": BUSYBOX_CONFIG.key(),
+        "applets": _BUSYBOX_APPLETS,
+    }
 
     def build(tmp: Path) -> None:
         base = tmp / "base"

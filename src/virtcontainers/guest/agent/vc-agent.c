@@ -748,6 +748,8 @@ static void child_exec(struct fields *f, char **envp, int efd, int in, int out, 
     child_fail(efd, 7);
 }
 
+#include "vc-rootfs.h" /* the container root of image sandboxes */
+
 static const char *STAGES[] = {"", "setsid", "set controlling tty", "dup2", "chdir", "setgid",
                                "setuid", "execve"};
 
@@ -761,6 +763,8 @@ static void do_exec(uint32_t id, struct fields *f)
         send_error(id, E_BAD_PAYLOAD, 0, "exec: argv is empty");
         return;
     }
+    if (rootfs_refuse(id))
+        return;
     int cin = -1, cout = -1, cerr = -1; /* child ends */
     int pin = -1, pout = -1, perr = -1; /* our ends */
     int p[2];
@@ -950,6 +954,8 @@ static void do_write_file(uint32_t id, struct fields *f)
         send_error(id, E_BAD_PAYLOAD, 0, "write_file: path is missing");
         return;
     }
+    if (rootfs_refuse(id))
+        return;
     mode_t mode = f->has_mode ? (mode_t)(f->mode & 07777) : 0644;
     /* Atomic by default: chunks go to "<path>.vc-part", the final chunk renames it. */
     char tmp[PATH_MAX];
@@ -1003,6 +1009,8 @@ static void do_read_file(uint32_t id, struct fields *f)
         send_error(id, E_BAD_PAYLOAD, 0, "read_file: path is missing");
         return;
     }
+    if (rootfs_refuse(id))
+        return;
     uint32_t want = f->length ? f->length : CHUNK;
     if (want > MAX_PAYLOAD - 64)
         want = MAX_PAYLOAD - 64;
@@ -1523,6 +1531,7 @@ static void options_from_cmdline(const char *path, const char **serial, const ch
     for (char *tok = strtok(line, " \t\n"); tok; tok = strtok(NULL, " \t\n")) {
         if (!strcmp(tok, "vc.agent.verbose=1"))
             verbose = 1;
+        rootfs_option(tok);
         if (strncmp(tok, "vc.agent=", 9))
             continue;
         const char *v = tok + 9;
@@ -1597,6 +1606,8 @@ int main(int argc, char **argv)
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
             break;
     crc_init();
+    if (rootfs_mode)
+        rootfs_setup(); /* a failure is kept in rootfs_error and reported per request */
     signal(SIGPIPE, SIG_IGN);
     sigset_t mask;
     sigemptyset(&mask);

@@ -1,0 +1,158 @@
+"""What a sandbox needs from its image: devices, a kernel parameter, exec defaults.
+
+A sandbox made with an image gets, through every driver's ordinary cold-plug path:
+
+* the image's root disk as a read-only :class:`~virtcontainers.devices.BlockDrive`
+  (``id="vc-image"``), shared by every sandbox (and template clone) of that image;
+* with ``disk_size_mb`` a scratch disk of its own (``<run dir>/scratch.img``, sparse ext4
+  labelled ``vc-scratch``) that holds the overlay's writable upper instead of guest RAM;
+* ``vc.rootfs=tmpfs`` or ``vc.rootfs=scratch`` on the kernel command line, which makes the
+  guest agent build the container root and enter it (``docs/agent-protocol.md``).
+
+It is recorded in the sandbox document (``extra["image"]``), so ``vc exec`` from another
+process applies the same Env, WorkingDir and User.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from virtcontainers.config import HypervisorConfig, Param
+from virtcontainers.devices import BlockDrive
+from virtcontainers.images.config import ImageConfig, ProcessSpec, process_spec, resolve_user
+from virtcontainers.images.rootdisk import make_scratch_disk
+from virtcontainers.images.store import StoredImage
+
+__all__ = ["IMAGE_DRIVE_ID", "SCRATCH_DRIVE_ID", "SandboxImage"]
+
+IMAGE_DRIVE_ID = "vc-image"
+SCRATCH_DRIVE_ID = "vc-scratch"
+ROOTFS_PARAM = "vc.rootfs"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxImage:
+    """A sandbox's image: which disk, which config, how big a scratch upper (0: tmpfs)."""
+
+    id: str
+    ref: str
+    disk: str
+    config: ImageConfig
+    passwd: str = ""
+    group: str = ""
+    scratch_mb: int = 0
+
+    @classmethod
+    def from_stored(cls, image: StoredImage, ref: str, *, scratch_mb: int = 0) -> SandboxImage:
+        return cls(
+            id=image.id,
+            ref=ref,
+            disk=str(image.disk),
+            config=image.config,
+            passwd=image.passwd,
+            group=image.group,
+            scratch_mb=scratch_mb,
+        )
+
+    def with_scratch(self, scratch_mb: int) -> SandboxImage:
+        return replace(self, scratch_mb=scratch_mb)
+
+    # -- what the VM gets --------------------------------------------------------------
+
+    def configure(self, config: HypervisorConfig) -> HypervisorConfig:
+        """A copy of ``config`` with the ``vc.rootfs`` kernel parameter (set once)."""
+        out = config.copy()
+        out.boot.kernel_params = [p for p in out.boot.kernel_params if p.key != ROOTFS_PARAM]
+        out.add_kernel_param(Param(ROOTFS_PARAM, "scratch" if self.scratch_mb else "tmpfs"))
+        return out
+
+    def devices(self, run_dir: Path) -> list[BlockDrive]:
+        """The read-only image disk, and the scratch disk (created now in ``run_dir``).
+
+        Raises:
+            ConfigError: a scratch size below the minimum. ImageError: mke2fs failed.
+        """
+        drives = [BlockDrive(file=self.disk, id=IMAGE_DRIVE_ID, read_only=True)]
+        if self.scratch_mb:
+            scratch = run_dir / "scratch.img"
+            make_scratch_disk(scratch, self.scratch_mb)
+            drives.append(BlockDrive(file=str(scratch), id=SCRATCH_DRIVE_ID))
+        return drives
+
+    # -- what processes get --------------------------------------------------------------
+
+    def process(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        entrypoint: Sequence[str] | None = None,
+    ) -> ProcessSpec:
+        """The process ``vc run`` starts (Entrypoint + Cmd rules; see :func:`process_spec`)."""
+        return process_spec(
+            self.config, argv, env=env, workdir=workdir, user=user, entrypoint=entrypoint,
+            passwd=self.passwd, group=self.group,
+        )  # fmt: skip
+
+    def exec_defaults(
+        self,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        uid: int | None,
+        gid: int | None,
+        user: str | None,
+    ) -> tuple[dict[str, str], str, int, int]:
+        """``docker exec``'s defaults: the image's Env under ``env``, its WorkingDir unless
+        ``cwd``, its User unless ``user`` or ``uid``/``gid`` (no Entrypoint for an exec)."""
+        spec = self.process(["-"], env=env, workdir=cwd, user=user)
+        return (
+            spec.env,
+            spec.cwd,
+            spec.uid if uid is None else uid,
+            (spec.gid if gid is None else gid),
+        )
+
+    def resolve_user(self, user: str) -> tuple[int, int]:
+        return resolve_user(user, self.passwd, self.group)
+
+    @staticmethod
+    def numeric_user(user: str) -> tuple[int, int]:
+        """``user`` for a guest without an image (its /etc/passwd has only root).
+
+        Raises:
+            ConfigError: a name other than root.
+        """
+        return resolve_user(user, "root:x:0:0:root:/root:/bin/sh\n", "root:x:0:\n")
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "ref": self.ref,
+                "disk": self.disk,
+                "config": self.config.to_dict(),
+                "passwd": self.passwd,
+                "group": self.group,
+                "scratch_mb": self.scratch_mb,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxImage:
+        doc = json.loads(text)
+        return cls(
+            id=str(doc["id"]),
+            ref=str(doc["ref"]),
+            disk=str(doc["disk"]),
+            config=ImageConfig.from_dict(doc.get("config") or {}),
+            passwd=str(doc.get("passwd", "")),
+            group=str(doc.get("group", "")),
+            scratch_mb=int(doc.get("scratch_mb", 0)),
+        )
