@@ -1487,13 +1487,24 @@ static int listen_on(const char *what, const char *arg)
             logmsg("fatal: socket path too long: %s", arg);
             exit(2);
         }
-        strcpy(sa.sun_path, arg);
+        /* Bind and listen under a temporary name, then rename: a client that waits for the
+         * path to appear never connects between bind() and listen() (ECONNREFUSED). */
+        char tmp[sizeof sa.sun_path + 16];
+        snprintf(tmp, sizeof tmp, "%s.%d", arg, (int)getpid());
+        if (strlen(tmp) >= sizeof sa.sun_path)
+            snprintf(tmp, sizeof tmp, "%s", arg);
+        strcpy(sa.sun_path, tmp);
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0)
             die("socket");
-        unlink(arg);
+        unlink(tmp);
         if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
             die(arg);
+        if (listen(fd, 4) < 0)
+            die("listen");
+        if (strcmp(tmp, arg) && rename(tmp, arg) < 0)
+            die(arg);
+        return fd;
     } else {
         char *end;
         unsigned long port = strtoul(arg, &end, 10);
