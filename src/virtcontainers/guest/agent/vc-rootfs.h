@@ -81,18 +81,7 @@ static int disk_kind(const char *dev, char *label, size_t n)
     return 0;
 }
 
-static int read_flag(const char *path, char *buf, size_t n)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t r = read(fd, buf, n - 1);
-    close(fd);
-    if (r <= 0)
-        return -1;
-    buf[r] = 0;
-    return 0;
-}
+static int read_attr(const char *path, char *buf, size_t n); /* vc-agent.c */
 
 /* Look once for the image disk (read-only) and the scratch disk; 0 when all are found. */
 static int find_disks(char *image, int *image_kind, char *scratch, size_t n)
@@ -106,7 +95,7 @@ static int find_disks(char *image, int *image_kind, char *scratch, size_t n)
             continue;
         char path[PATH_MAX], ro[8] = "", label[17] = "", dev[PATH_MAX];
         snprintf(path, sizeof path, "/sys/block/%s/ro", de->d_name);
-        if (read_flag(path, ro, sizeof ro) < 0)
+        if (read_attr(path, ro, sizeof ro) < 0)
             continue;
         snprintf(dev, sizeof dev, "/dev/%s", de->d_name);
         int kind = disk_kind(dev, label, sizeof label);
