@@ -537,7 +537,15 @@ class StateStore:
             except FileNotFoundError as exc:
                 raise _Gone(f"no sandbox {sandbox_id!r}", path=str(path.parent)) from exc
             except OSError as exc:
-                raise _wrap(exc, "cannot open lock file", path) from exc
+                if exclusive or exc.errno != errno.EROFS:
+                    raise _wrap(exc, "cannot open lock file", path) from exc
+                # A read-only store can still be read: flock works on a read-only descriptor.
+                try:
+                    fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+                except FileNotFoundError as gone:
+                    raise _Gone(f"no sandbox {sandbox_id!r}", path=str(path.parent)) from gone
+                except OSError as again:
+                    raise _wrap(again, "cannot open lock file", path) from again
             try:
                 self._flock(fd, op, deadline, path)
                 # delete() may have removed (and create_sandbox_dir recreated) the directory
