@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["process_matches"]
+__all__ = ["process_matches", "processes_mentioning"]
 
 
 def process_matches(pid: int, needle: str) -> bool:
@@ -16,3 +16,18 @@ def process_matches(pid: int, needle: str) -> bool:
         return False
     raw = needle.encode()
     return any(raw in arg for arg in argv)
+
+
+def processes_mentioning(needle: str) -> list[int]:
+    """Pids of live (not zombie) processes with ``needle`` in one of their argv words."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not process_matches(int(entry.name), needle):
+            continue
+        try:
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            found.append(int(entry.name))
+    return found

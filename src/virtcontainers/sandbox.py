@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -356,6 +357,8 @@ class Sandbox:
             await self._server_gone()
             return
         if self._doc.state in (VmState.STOPPED.value, VmState.CREATED.value):
+            if self._doc.state == VmState.CREATED.value:
+                await _kill_unrecorded_vmm(self.run_dir)
             await self._teardown_network()
             self._save(VmState.STOPPED)
             return
@@ -398,6 +401,8 @@ class Sandbox:
             return
         if self._doc.state in (VmState.RUNNING.value, VmState.PAUSED.value):
             await self.stop()
+        elif self._doc.state == VmState.CREATED.value:
+            await _kill_unrecorded_vmm(self.run_dir)
         await self._teardown_network()
         self._store.delete(self.id)
 
@@ -831,6 +836,25 @@ def _hotplug_from_dict(data: dict[str, object]) -> HotplugDevice:
                           field="device.type", allowed=[c.__name__ for c in allowed])  # fmt: skip
     device: HotplugDevice = cls(**fields)
     return device
+
+
+async def _kill_unrecorded_vmm(run_dir: Path, timeout: float = 10.0) -> None:
+    """Kill a VMM of a sandbox still recorded as created: its starter (a sandbox server) was
+    killed after launching it but before recording it, so nothing else would ever stop it.
+    Only the VMM has the sandbox's own run dir in its argv."""
+    from virtcontainers.procfs import processes_mentioning
+
+    for pid in processes_mentioning(str(run_dir)):
+        if pid == os.getpid():
+            continue
+        log.warning("sandbox run dir %s: killing unrecorded VMM pid %d", run_dir, pid)
+        vmm = VmmProcess.adopt(pid)
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await vmm.wait(timeout)
+        finally:
+            vmm.close()
 
 
 def _remove_sockets(run_dir: Path) -> None:
