@@ -4,7 +4,6 @@ up), its socket's permissions, and a peer of another uid refused."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import signal
