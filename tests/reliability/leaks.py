@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtcontainers.procfs import processes_mentioning
+
 
 def _children_of(pid: int) -> list[int]:
     kids = []
@@ -20,21 +22,6 @@ def _children_of(pid: int) -> list[int]:
         if int(stat[1]) == pid and stat[0] != "Z":
             kids.append(int(entry))
     return kids
-
-
-def _processes_mentioning(needle: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if needle.encode() in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
 
 
 @dataclass(frozen=True)
@@ -63,7 +50,7 @@ class Snapshot:
         return cls(
             fds=len(os.listdir("/proc/self/fd")),
             children=tuple(sorted(_children_of(os.getpid()))),
-            processes=tuple(sorted(_processes_mentioning(str(root)))),
+            processes=tuple(sorted(processes_mentioning(str(root)))),
             files=tuple(sorted(str(p) for p in (root / "sandboxes").glob("**/*"))),
             mounts=mounts,
             sockets=sockets,

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.leaks import Snapshot, _processes_mentioning
+from tests.reliability.leaks import Snapshot
 from tests.reliability.test_vm_faults import check_private
 from virtcontainers.guest.image import GuestImage
+from virtcontainers.procfs import processes_mentioning
 
 pytestmark = pytest.mark.integration
 VC = str(Path(sys.executable).with_name("vc"))
@@ -110,7 +111,7 @@ def test_server_socket_is_private_and_refuses_another_uid(
     assert vc("stop", "sec").returncode == 0
     assert vc("rm", "sec").returncode == 0
     assert not run_dir.exists()
-    assert _processes_mentioning(str(vc_root)) == []
+    assert processes_mentioning(str(vc_root)) == []
 
 
 def test_server_killed_mid_start(guest_image: GuestImage, vc_root: Path) -> None:
@@ -120,8 +121,8 @@ def test_server_killed_mid_start(guest_image: GuestImage, vc_root: Path) -> None
     start = subprocess.Popen([VC, "start", "mid"], stderr=subprocess.PIPE, text=True)
     wait_until("QEMU booting", lambda: (run_dir / "qemu.pid").exists())
     servers = [
-        pid for pid in _processes_mentioning("virtcontainers.server")
-        if pid in _processes_mentioning(str(vc_root))
+        pid for pid in processes_mentioning("virtcontainers.server")
+        if pid in processes_mentioning(str(vc_root))
     ]  # fmt: skip
     assert len(servers) == 1
     os.kill(servers[0], signal.SIGKILL)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.test_qemu_options import _split_opts as _qemu_split
 from virtcontainers.drivers.qemu.argv import opt
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "virtcontainers"
@@ -81,23 +82,6 @@ def test_no_shell_anywhere_in_src() -> None:
     assert len(files) > 50  # the whole package was read
     found = [hit for f in files for hit in shell_uses(f.read_text(), str(f.relative_to(SRC)))]
     assert found == []
-
-
-def _qemu_split(text: str) -> list[str]:
-    """QEMU's option-list parser: a single comma separates, a doubled one is a comma."""
-    parts, current, i = [], "", 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                current += ","
-                i += 2
-                continue
-            parts.append(current)
-            current = ""
-        else:
-            current += text[i]
-        i += 1
-    return [*parts, current]
 
 
 @given(st.text(st.sampled_from("/a,=.r x\\o"), min_size=1, max_size=40))
