@@ -137,3 +137,21 @@ def test_server_killed_mid_start(guest_image: GuestImage, vc_root: Path) -> None
     wait_until("nothing left", lambda: Snapshot.take(vc_root).leaked_since(before) == {}, 30)
     assert ps("mid") is None
     assert not run_dir.exists()
+
+
+def test_cli_killed_mid_start(guest_image: GuestImage, vc_root: Path) -> None:
+    # `vc start` only waits for the server it launched: killed mid-boot, the server boots on.
+    before = Snapshot.take(vc_root)
+    assert vc("create", "--id", "cli", "--memory", "256").returncode == 0
+    run_dir = vc_root / "sandboxes" / "cli"
+    start = subprocess.Popen([VC, "start", "cli"], stderr=subprocess.DEVNULL)
+    wait_until("QEMU booting", lambda: (run_dir / "qemu.pid").exists())
+    start.send_signal(signal.SIGKILL)
+    assert start.wait(10) == -signal.SIGKILL
+    wait_until("running in its server", lambda: (ps("cli") or {}).get("server") == "running", 90)
+    assert (ps("cli") or {}).get("state") == "running"
+    out = vc("exec", "cli", "--", "echo", "booted-without-its-starter")
+    assert (out.returncode, out.stdout) == (0, "booted-without-its-starter\n")
+    assert vc("rm", "--force", "cli").returncode == 0
+    wait_until("nothing left", lambda: Snapshot.take(vc_root).leaked_since(before) == {}, 30)
+    assert ps("cli") is None
