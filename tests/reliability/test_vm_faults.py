@@ -132,3 +132,28 @@ async def test_frozen_qemu_then_killed_during_a_hotplug(
     assert not sb.run_dir.exists()
     disk.unlink()
     assert Snapshot.take(vc_root).leaked_since(before) == {}
+
+
+async def test_qemu_killed_during_a_save(guest_image: GuestImage, vc_root: Path) -> None:
+    before = Snapshot.take(vc_root)
+    cfg = config(guest_image)
+    cfg.template.devices_state_path = str(vc_root / "saved.state")
+    async with await Sandbox.create(cfg) as sb:
+        pid, hv = sb.info().pid, sb.hypervisor
+        await sb.pause()
+        os.kill(pid, signal.SIGSTOP)  # the save's first request is surely in flight
+        save = asyncio.create_task(hv.save_sandbox())
+        await asyncio.sleep(0.5)
+        assert not save.done()
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(HypervisorError) as err:
+            async with asyncio.timeout(30):
+                await save
+        assert not isinstance(err.value, HypervisorTimeout)
+        print(f"save ended {time.monotonic() - killed:.2f} s after QEMU's SIGKILL: {err.value}")
+        with pytest.raises(HypervisorError, match="not running"):
+            await hv.check()
+    assert not sb.run_dir.exists()
+    Path(cfg.template.devices_state_path).unlink(missing_ok=True)
+    assert Snapshot.take(vc_root).leaked_since(before) == {}
