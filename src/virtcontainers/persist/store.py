@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from virtcontainers.errors import StoreError
+from virtcontainers.fsutil import atomic_write, mkdir_private, open_private
 from virtcontainers.persist.hypervisor_state import HypervisorState
 
 __all__ = [
@@ -352,13 +352,13 @@ class StateStore:
         path = self.sandbox_dir(sandbox_id)
         self._ensure_root()
         try:
-            _mkdir_private(path.parent)
+            mkdir_private(path.parent)
             try:
                 os.mkdir(path, _DIR_MODE)
             except FileExistsError as exc:
                 raise StoreError(f"sandbox {sandbox_id!r} already exists", path=str(path)) from exc
             os.chmod(path, _DIR_MODE)  # mkdir's mode is filtered by the umask
-            os.close(_open_private(path / LOCK_FILE))
+            os.close(open_private(path / LOCK_FILE))
         except OSError as exc:
             raise _wrap(exc, "cannot create sandbox directory", path) from exc
         return path
@@ -482,7 +482,7 @@ class StateStore:
             return
         try:
             if create:
-                _mkdir_private(self._root)
+                mkdir_private(self._root)
             st = os.stat(self._root)
         except FileNotFoundError:
             if not create:
@@ -533,7 +533,7 @@ class StateStore:
         deadline = None if self._lock_timeout is None else time.monotonic() + self._lock_timeout
         while True:
             try:
-                fd = _open_private(path)
+                fd = open_private(path)
             except FileNotFoundError as exc:
                 raise _Gone(f"no sandbox {sandbox_id!r}", path=str(path.parent)) from exc
             except OSError as exc:
@@ -623,22 +623,7 @@ class StateStore:
             for stale in directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=directory)
-            try:
-                try:
-                    os.fchmod(fd, _FILE_MODE)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            _fsync_dir(directory)
+            atomic_write(target, data, tmp_prefix=_TMP_PREFIX, tmp_suffix=_TMP_SUFFIX)
         except OSError as exc:
             raise _wrap(exc, "cannot write state document", target) from exc
 
@@ -660,35 +645,3 @@ def _wrap(exc: OSError, action: str, path: Path | str) -> StoreError:
     reason = exc.strerror or str(exc)
     name = errno.errorcode.get(exc.errno, "") if exc.errno is not None else ""
     return StoreError(f"{action}: {reason}" + (f" ({name})" if name else ""), path=str(path))
-
-
-def _mkdir_private(path: Path) -> None:
-    """``mkdir -p`` where every directory *we* create is 0700; existing ones are left alone."""
-    if os.path.isdir(path):
-        return
-    _mkdir_private(path.parent)
-    try:
-        os.mkdir(path, _DIR_MODE)
-    except FileExistsError:
-        return  # created concurrently, or not a directory (the caller's next step reports it)
-    os.chmod(path, _DIR_MODE)
-
-
-def _open_private(path: Path) -> int:
-    """Open (creating if needed) a 0600 file, never following a symlink."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, _FILE_MODE)
-    try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:
-            os.fchmod(fd, _FILE_MODE)  # the umask may have removed bits
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
