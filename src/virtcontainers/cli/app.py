@@ -1,49 +1,70 @@
-"""The root ``vc`` command. Each sub-command lives in its own module and registers here.
+"""The root ``vc`` command, a click group whose sub-commands are imported on first use.
 
-Only the module of the command being run is imported (see :func:`_register`), and those
-modules import what they need inside the command: `vc ps` and `vc exec` must start fast.
+Each sub-command lives in a module of this package; :data:`COMMANDS` says which. Only the
+module of the command being run is imported (``vc --help`` imports them all), and those
+modules import what they need inside the command: `vc ps` and `vc exec` must start fast
+(bench/cli.py). click, not typer: typer builds its parameters from type hints on every run
+and costs ~50 ms more per command here (docs/status.md, "A fast CLI").
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
-import typer
+import click
 
-from virtcontainers import errors
 from virtcontainers.errors import VirtContainersError
 
-app = typer.Typer(
-    name="vc",
-    help="Run lightweight VM sandboxes (QEMU, Firecracker, Cloud Hypervisor, ACRN).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+#: Sub-command name -> ``module:attribute`` in this package, in the order `vc --help` lists.
+COMMANDS = {
+    "check": "check:check",
+    "run": "run:run",
+    "create": "sandboxes:create",
+    "start": "sandboxes:start",
+    "exec": "processes:exec_",
+    **{name: f"processes:{name}" for name in ("top", "attach", "kill")},
+    **{
+        name: f"sandboxes:{name}"
+        for name in ("cp", "ps", "logs", "pause", "resume", "hotplug", "resize", "stop", "rm")
+    },
+    "guest": "guest:guest",
+    "image": "image:image",
+}
+
 _debug = False
 
-#: Which module defines each command; a name not listed (or --help) imports them all.
-_COMMAND_MODULES = {
-    "check": "check",
-    "guest": "guest",
-    "image": "image",
-    "run": "run",
-    **{
-        name: "sandboxes"
-        for name in (
-            "create", "start", "exec", "cp", "ps", "logs", "pause", "resume", "hotplug",
-            "resize", "stop", "rm", "top", "attach", "kill",
-        )
-    },
-}  # fmt: skip
-_ALL_MODULES = ("check", "guest", "image", "run", "sandboxes")
+
+class LazyGroup(click.Group):
+    """A group whose commands are ``module:attribute`` names, imported when asked for."""
+
+    def __init__(self, *args: object, lazy: dict[str, str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*self.lazy, *(n for n in super().list_commands(ctx) if n not in self.lazy)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), attribute)
+        if not isinstance(command, click.Command):  # pragma: no cover - a wrong table entry
+            raise TypeError(f"{target} is not a click command")
+        return command
 
 
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Log debug output and show tracebacks."),
-) -> None:
+@click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
+    context_settings={"show_default": True, "max_content_width": 100},
+)
+@click.option("--debug", is_flag=True, help="Log debug output and show tracebacks.")
+def app(debug: bool) -> None:
+    """Run lightweight VM sandboxes (QEMU, Firecracker, Cloud Hypervisor, ACRN)."""
     global _debug
     _debug = debug
     logging.basicConfig(
@@ -52,41 +73,18 @@ def _root(
     )
 
 
-def _register(argv: list[str]) -> None:
-    """Import the command modules (for their side effect of adding commands to ``app``):
-    only the one that defines the command in ``argv`` when that is known."""
-    import importlib
-
-    words = [a for a in argv if not a.startswith("-")]
-    wanted = _COMMAND_MODULES.get(words[0]) if words else None
-    for module in (wanted,) if wanted else _ALL_MODULES:
-        importlib.import_module(f"virtcontainers.cli.{module}")
-    if wanted:
-        # typer inspects every registered command's parameters on each run; keep just the
-        # one being run (`vc ps` then costs one signature, not fifteen).
-        app.registered_commands = [c for c in app.registered_commands if _name(c) == words[0]]
-
-
-def _name(command: typer.models.CommandInfo) -> str:
-    """The name typer gives a command: its own, or the function's with dashes."""
-    return command.name or (command.callback.__name__ if command.callback else "").replace("_", "-")
-
-
 def main() -> None:
-    """Entry point: one readable error line and a non-zero exit code, tracebacks with --debug."""
-    _register(sys.argv[1:])
+    """Entry point: one readable error line and exit code 1 for a typed error (tracebacks
+    with --debug); click's usage errors exit 2."""
     try:
-        app()
+        app.main(prog_name="vc")
     except VirtContainersError as exc:
         if _debug:
             raise
-        from rich.console import Console
-        from rich.markup import escape
+        from virtcontainers import errors
 
-        err_console = Console(stderr=True)
         # Name the public error class (the tree in errors.py), not a private subclass.
         kind = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in errors.__all__)
-        err_console.print(
-            f"[bold red]error:[/] {kind}: {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
+        label = click.style("error:", fg="red", bold=True)
+        click.echo(f"{label} {kind}: {exc}", err=True)  # colour only on a terminal
         sys.exit(1)

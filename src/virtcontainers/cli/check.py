@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-import typer
+import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from virtcontainers.cli.app import app
 from virtcontainers.host import HostReport, KvmState, host_report
 
 _YES = "[green]yes[/]"
@@ -131,23 +130,23 @@ def _summary(report: HostReport) -> str:
     return f"{kvm_line} Available: {', '.join(parts)}."
 
 
-@app.command()
-def check(
-    json_output: bool = typer.Option(
-        False, "--json", help="Print the report as one JSON document (for scripts)."
-    ),
-    kvm_timeout: float = typer.Option(
-        5.0,
-        "--kvm-timeout",
-        min=0.5,
-        help="Seconds the KVM test vCPU may run before KVM is declared not usable.",
-    ),
-) -> None:
+@click.command()
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help="Print the report as one JSON document (for scripts).",
+)
+@click.option(
+    "--kvm-timeout", type=click.FloatRange(min=0.5), default=5.0,
+    help="Seconds the KVM test vCPU may run before KVM is declared not usable.",
+)  # fmt: skip
+def check(json_output: bool, kvm_timeout: float) -> None:
     """Check whether this host can run VM sandboxes, and with which hypervisor.
 
     Exit code 0 when at least one hypervisor can run a guest here, else 1.
 
-    [bold]Host table[/bold], one line per check:
+    Host table, one line per check:
 
     Host memory: MemTotal from /proc/meminfo (the cap for memory hotplug).
 
@@ -159,18 +158,19 @@ def check(
 
     KVM modules: kvm, kvm_intel, kvm_amd, kvm_pvm, as listed in /sys/module.
 
+    \b
     KVM: the real test, from /dev/kvm up to running a test vCPU. One of:
-    [bold]absent[/bold]: no /dev/kvm.
-    [bold]no-access[/bold]: no permission to open /dev/kvm.
-    [bold]create-vm-fails[/bold]: KVM_CREATE_VM is refused.
-    [bold]present-not-usable[/bold]: a VM is created but its vCPU does not run guest code at
+    absent: no /dev/kvm.
+    no-access: no permission to open /dev/kvm.
+    create-vm-fails: KVM_CREATE_VM is refused.
+    present-not-usable: a VM is created but its vCPU does not run guest code at
     hardware speed (e.g. on a PVM host): ordinary guest kernels hang; QEMU falls back to TCG.
-    [bold]usable[/bold]: guests run under KVM.
+    usable: guests run under KVM.
 
     vhost-net, vhost-vsock, TUN/TAP: optional; without vhost-vsock QEMU's agent uses
     virtio-serial.
 
-    [bold]Hypervisors table[/bold], one line per driver: can it run a guest here, with which
+    Hypervisors table, one line per driver: can it run a guest here, with which
     accelerator (kvm, or tcg: QEMU's slower software emulation), why not, and its binary and
     '--version'. QEMU runs with TCG even without usable KVM; Firecracker and Cloud Hypervisor
     need usable KVM; ACRN needs an ACRN service VM (/dev/acrn_hsm or /dev/acrn_vhm).
@@ -183,4 +183,4 @@ def check(
         console.print(_host_table(report))
         console.print(_hypervisor_table(report))
         console.print(escape(_summary(report)), highlight=False)
-    raise typer.Exit(0 if report.any_can_run else 1)
+    sys.exit(0 if report.any_can_run else 1)

@@ -2,93 +2,192 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import typer
+import click
 
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:  # imported where used: `vc ps`/`vc exec` import this module too
     from virtcontainers.config import HypervisorConfig
     from virtcontainers.devices import ColdPlugDevice
+    from virtcontainers.images import StoredImage
     from virtcontainers.network import NetworkSpec
 
-Hypervisor = Annotated[
-    str, typer.Option("--hypervisor", help="Driver: qemu, firecracker, clh, acrn or mock.")
-]
-Cpus = Annotated[int, typer.Option("--cpus", min=1, help="vCPUs at boot.")]
-MaxCpus = Annotated[int, typer.Option("--max-cpus", min=1, help="vCPUs the VM may grow to.")]
-Memory = Annotated[int, typer.Option("--memory", min=256, help="Guest memory at boot, MiB.")]
-Kernel = Annotated[
-    Path | None, typer.Option("--kernel", help="Guest kernel (default: the built image's).")
-]
-Initrd = Annotated[
-    Path | None, typer.Option("--initrd", help="Guest initrd (default: the built image's).")
-]
-GuestDisk = Annotated[
-    Path | None,
-    typer.Option(
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _compose(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator applying ``decorators`` so that they list in this order in --help."""
+
+    def apply(function: F) -> F:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+_PATH = click.Path(path_type=Path)
+
+#: ``virtcontainers.network.DEFAULT_TAP_RANGE`` (a literal here: this module stays light;
+#: a unit test pins the two equal).
+DEFAULT_TAP_RANGE = "10.213.0.0/16"
+
+tls_verify_option = click.option(
+    "--tls-verify", default="true", help="false: pull over plain HTTP / unverified TLS."
+)
+_machine_options = _compose(
+    click.option(
+        "--hypervisor", default="qemu", help="Driver: qemu, firecracker, clh, acrn or mock."
+    ),
+    click.option("--cpus", type=click.IntRange(min=1), default=1, help="vCPUs at boot."),
+    click.option(
+        "--max-cpus", type=click.IntRange(min=1), default=4, help="vCPUs the VM may grow to."
+    ),
+    click.option(
+        "--memory", type=click.IntRange(min=256), default=512, help="Guest memory at boot, MiB."
+    ),
+    click.option("--kernel", type=_PATH, help="Guest kernel (default: the built image's)."),
+    click.option("--initrd", type=_PATH, help="Guest initrd (default: the built image's)."),
+    click.option(
         "--guest-disk",
+        type=_PATH,
         help="A raw guest root disk to boot instead of the initrd (the guest OS itself; "
         "for container software use --image).",
     ),
-]
-Flavour = Annotated[
-    str,
-    typer.Option("--flavour", help="Built image to use: cloud (fast) or generic (has 9p)."),
-]
-Shares = Annotated[
-    list[str] | None,
-    typer.Option(
+    click.option(
+        "--flavour", default="cloud", help="Built image to use: cloud (fast) or generic (has 9p)."
+    ),
+    click.option(
         "--share",
+        multiple=True,
         help="Share a host directory as HOST_DIR[:TAG] over virtio-9p (needs --flavour "
         "generic); in the guest: mount -t 9p -o trans=virtio TAG /mnt.",
     ),
-]
-
-Network = Annotated[
-    str,
-    typer.Option(
+    click.option(
         "--network",
+        default="none",
         help="none (default: only lo), user (NAT inside QEMU, no root) or tap (a netns with "
         "a tap and a veth pair, needs root; every driver). The guest reaches the host as "
         "host.vc.internal.",
     ),
-]
-Publish = Annotated[
-    list[str] | None,
-    typer.Option(
+    click.option(
         "--publish",
         "-p",
+        multiple=True,
         help="Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (HOST_IP "
         "defaults to 127.0.0.1). Repeatable.",
     ),
-]
-AllowEgress = Annotated[
-    list[str] | None,
-    typer.Option(
+    click.option(
         "--allow-egress",
+        multiple=True,
         help="Deny all egress except to CIDR[:PORT[-PORT]] (repeatable; tap mode; allow DNS "
         "explicitly, e.g. RESOLVER/32:53). Enforced on the host side.",
     ),
-]
-#: ``virtcontainers.network.DEFAULT_TAP_RANGE`` (a literal here: this module stays light;
-#: a unit test pins the two equal).
-DEFAULT_TAP_RANGE = "10.213.0.0/16"
-TapRange = Annotated[
-    str, typer.Option("--tap-range", help="Private IPv4 range tap-mode addresses come from.")
-]
+    click.option(
+        "--tap-range",
+        default=DEFAULT_TAP_RANGE,
+        help="Private IPv4 range tap-mode addresses come from.",
+    ),
+    click.option(
+        "--image",
+        help="An OCI image to run in (pulled when not in the store): NAME[:TAG], "
+        "HOST[:PORT]/PATH[:TAG][@sha256:HEX], oci:DIR[:TAG], docker-archive:FILE, dir:PATH, "
+        "tar:FILE. Without a command the image's Entrypoint + Cmd run.",
+    ),
+    click.option(
+        "--disk-size",
+        help="A scratch disk of this size (512M, 2G) for the image's writable layer instead "
+        "of guest RAM (tmpfs).",
+    ),
+    tls_verify_option,
+)
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """What ``vc run`` and ``vc create`` are told about the sandbox to make."""
+
+    hypervisor: str
+    cpus: int
+    max_cpus: int
+    memory: int
+    kernel: Path | None
+    initrd: Path | None
+    guest_disk: Path | None
+    flavour: str
+    share: tuple[str, ...]
+    network: str
+    publish: tuple[str, ...]
+    allow_egress: tuple[str, ...]
+    tap_range: str
+    image: str | None
+    disk_size: str | None
+    tls_verify: str
+
+    def config(self) -> HypervisorConfig:
+        """See :func:`build_config`."""
+        return build_config(
+            cpus=self.cpus, max_cpus=self.max_cpus, memory=self.memory, kernel=self.kernel,
+            initrd=self.initrd, guest_disk=self.guest_disk, flavour=self.flavour,
+        )  # fmt: skip
+
+    def devices(self) -> list[ColdPlugDevice]:
+        """See :func:`share_devices`."""
+        return share_devices(self.share)
+
+    def network_spec(self) -> NetworkSpec:
+        """See :func:`network_spec`."""
+        return network_spec(self.network, self.publish, self.allow_egress, self.tap_range)
+
+    def disk_size_mb(self) -> int:
+        """See :func:`disk_size_mb`."""
+        return disk_size_mb(self.disk_size)
+
+    def pull_image(self) -> StoredImage | None:
+        """The ``--image`` from the store, pulled (with a progress bar) when missing.
+
+        Raises:
+            ConfigError: a bad ``--tls-verify``; ImageError subclasses from the pull.
+        """
+        if self.image is None:
+            return None
+        from virtcontainers.cli.terminal import progress_bar
+        from virtcontainers.images import ensure_image
+
+        verify = parse_bool(self.tls_verify, "--tls-verify")
+        with progress_bar(self.image) as progress:
+            return ensure_image(self.image, tls_verify=verify, progress=progress)
+
+
+_SANDBOX_FIELDS = tuple(field.name for field in fields(SandboxOptions))
+
+
+def sandbox_options(function: Callable[..., None]) -> Callable[..., None]:
+    """The ``--hypervisor ... --tls-verify`` options, passed to ``function`` as one
+    :class:`SandboxOptions` argument named ``sandbox``."""
+
+    @functools.wraps(function)
+    def with_sandbox_options(**kwargs: Any) -> None:
+        given = {name: kwargs.pop(name) for name in _SANDBOX_FIELDS}
+        function(sandbox=SandboxOptions(**given), **kwargs)
+
+    return _machine_options(with_sandbox_options)
 
 
 def network_spec(
-    network: str, publish: list[str] | None, allow_egress: list[str] | None, tap_range: str
+    network: str, publish: Sequence[str], allow_egress: Sequence[str], tap_range: str
 ) -> NetworkSpec:
     """The network options as a spec. Raises ConfigError for malformed values."""
     from virtcontainers.network import NetworkSpec
 
-    return NetworkSpec.build(network, publish or [], allow_egress or [], tap_range)
+    return NetworkSpec.build(network, list(publish), list(allow_egress), tap_range)
 
 
 def build_config(
@@ -154,12 +253,12 @@ def vcpus(cpus: int, max_cpus: int) -> tuple[int, int]:
     return cpus, limit
 
 
-def share_devices(shares: list[str] | None) -> list[ColdPlugDevice]:
+def share_devices(shares: Sequence[str]) -> list[ColdPlugDevice]:
     """``HOST_DIR[:TAG]`` options as 9p shares (tag defaults to the directory's name)."""
     from virtcontainers.devices import FsShare
 
     devices: list[ColdPlugDevice] = []
-    for spec in shares or []:
+    for spec in shares:
         host, _, tag = spec.partition(":")
         path = Path(host).resolve()
         if not path.is_dir():
@@ -170,47 +269,25 @@ def share_devices(shares: list[str] | None) -> list[ColdPlugDevice]:
 
 # -- OCI images and the process (docker's spellings) ---------------------------------------
 
-OciImage = Annotated[
-    str | None,
-    typer.Option(
-        "--image",
-        help="An OCI image to run in (pulled when not in the store): NAME[:TAG], "
-        "HOST[:PORT]/PATH[:TAG][@sha256:HEX], oci:DIR[:TAG], docker-archive:FILE, dir:PATH, "
-        "tar:FILE. Without a command the image's Entrypoint + Cmd run.",
+#: ``-e``, ``-w``, ``-u`` as docker spells them (``vc run``, ``vc exec``).
+process_options = _compose(
+    click.option(
+        "--env",
+        "-e",
+        multiple=True,
+        help="Set K=V in the process environment (K alone: from ours).",
     ),
-]
-Env = Annotated[
-    list[str] | None,
-    typer.Option("--env", "-e", help="Set K=V in the process environment (K alone: from ours)."),
-]
-Workdir = Annotated[
-    str | None, typer.Option("--workdir", "-w", help="Working directory in the guest.")
-]
-User = Annotated[
-    str | None,
-    typer.Option(
+    click.option("--workdir", "-w", help="Working directory in the guest."),
+    click.option(
         "--user", "-u", help="name, uid, name:group or uid:gid (the image's /etc/passwd)."
     ),
-]
-Entrypoint = Annotated[
-    str | None,
-    typer.Option("--entrypoint", help="Replace the image's Entrypoint ('' clears it)."),
-]
-DiskSize = Annotated[
-    str | None,
-    typer.Option(
-        "--disk-size",
-        help="A scratch disk of this size (512M, 2G) for the image's writable layer instead "
-        "of guest RAM (tmpfs).",
-    ),
-]
-TlsVerify = Annotated[
-    str,
-    typer.Option("--tls-verify", help="false: pull over plain HTTP / unverified TLS."),
-]
+)
+entrypoint_option = click.option(
+    "--entrypoint", help="Replace the image's Entrypoint ('' clears it)."
+)
 
 
-def env_items(items: list[str] | None) -> dict[str, str] | None:
+def env_items(items: Sequence[str]) -> dict[str, str] | None:
     """``-e`` items as a mapping; a bare ``K`` takes our own ``$K`` (skipped when unset).
 
     Raises:

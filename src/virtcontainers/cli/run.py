@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Annotated
+import sys
+from typing import TYPE_CHECKING
 
-import typer
+import click
 
 from virtcontainers.cli import options
-from virtcontainers.cli.app import app
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -18,34 +18,22 @@ if TYPE_CHECKING:
     from virtcontainers.network import NetworkSpec
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.argument(
+    "command",
+    nargs=-1,
+    help="The command to run in the guest (with --image: the image's default when omitted).",
+)
+@options.sandbox_options
+@options.process_options
+@options.entrypoint_option
 def run(
-    command: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="The command to run in the guest (with --image: the image's default when omitted)."
-        ),
-    ] = None,
-    hypervisor: options.Hypervisor = "qemu",
-    cpus: options.Cpus = 1,
-    max_cpus: options.MaxCpus = 4,
-    memory: options.Memory = 512,
-    kernel: options.Kernel = None,
-    initrd: options.Initrd = None,
-    guest_disk: options.GuestDisk = None,
-    flavour: options.Flavour = "cloud",
-    share: options.Shares = None,
-    network: options.Network = "none",
-    publish: options.Publish = None,
-    allow_egress: options.AllowEgress = None,
-    tap_range: options.TapRange = options.DEFAULT_TAP_RANGE,
-    image: options.OciImage = None,
-    env: options.Env = None,
-    workdir: options.Workdir = None,
-    user: options.User = None,
-    entrypoint: options.Entrypoint = None,
-    disk_size: options.DiskSize = None,
-    tls_verify: options.TlsVerify = "true",
+    command: tuple[str, ...],
+    sandbox: options.SandboxOptions,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    entrypoint: str | None,
 ) -> None:
     """Boot a VM, run COMMAND in it, stream its output and exit with its exit code.
 
@@ -55,29 +43,20 @@ def run(
 
     Examples:
 
+    \b
       vc run -- uname -a
-
       vc run --cpus 2 --memory 1024 -- sh -c 'nproc; free -m'
-
       vc run --network user -p 8080:80 -- httpd -f -p 80
       vc run --image oci:./layout -e GREETING=hi -w /tmp -u 1000 -- python3 -c 'print(6*7)'
     """
-    argv = list(command or [])
-    if image is None and not argv:
+    argv = list(command)
+    if sandbox.image is None and not argv:
         raise ConfigError("give a command to run (or --image IMAGE to run its default)")
-    if image is None and (entrypoint is not None or disk_size):
+    if sandbox.image is None and (entrypoint is not None or sandbox.disk_size):
         raise ConfigError("--entrypoint and --disk-size need --image", field="--image")
-    config = options.build_config(
-        cpus=cpus,
-        max_cpus=max_cpus,
-        memory=memory,
-        kernel=kernel,
-        initrd=initrd,
-        guest_disk=guest_disk,
-        flavour=flavour,
-    )
-    devices = options.share_devices(share)
-    spec = options.network_spec(network, publish, allow_egress, tap_range)
+    config = sandbox.config()
+    devices = sandbox.devices()
+    spec = sandbox.network_spec()
     process = _Process(
         argv=argv,
         env=options.env_items(env),
@@ -85,20 +64,10 @@ def run(
         user=user,
         entrypoint=options.entrypoint_argv(entrypoint),
     )
-    stored = None
-    if image is not None:
-        from virtcontainers.cli.image import progress_bar
-        from virtcontainers.images import ImageStore, ensure_image
-
-        with progress_bar(image) as progress:
-            stored = ensure_image(
-                image,
-                store=ImageStore(),
-                tls_verify=options.parse_bool(tls_verify, "--tls-verify"),
-                progress=progress,
-            )
-    size = options.disk_size_mb(disk_size)
-    raise typer.Exit(asyncio.run(_run(config, hypervisor, devices, process, stored, size, spec)))
+    stored = sandbox.pull_image()
+    size = sandbox.disk_size_mb()
+    hypervisor = sandbox.hypervisor
+    sys.exit(asyncio.run(_run(config, hypervisor, devices, process, stored, size, spec)))
 
 
 class _Process:

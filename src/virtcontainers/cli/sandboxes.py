@@ -1,5 +1,5 @@
-"""Sandbox commands: create, start, exec, cp, ps, logs, pause, resume, hotplug, resize, stop,
-rm, and for processes in a sandbox: top, attach, kill.
+"""Sandbox commands: create, start, cp, ps, logs, pause, resume, hotplug, resize, stop, rm
+(processes in a sandbox: :mod:`.processes`).
 
 Each is a thin call into :class:`virtcontainers.sandbox.Sandbox`; sandboxes live in the state
 store, so any of them works from a new shell on a sandbox another process started. A running
@@ -16,21 +16,19 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import typer
+import click
 
 from virtcontainers.cli import options
-from virtcontainers.cli.app import app
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
     from virtcontainers.sandbox import Sandbox
-    from virtcontainers.server.client import ServerClient
 
 T = TypeVar("T")
-SandboxId = Annotated[str, typer.Argument(help="The sandbox id (see `vc ps`).")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+sandbox_id_argument = click.argument("sandbox_id", help="The sandbox id (see `vc ps`).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 def _emit(data: object, as_json: bool, human: str) -> None:
@@ -48,71 +46,42 @@ def _run(coro: Coroutine[object, object, T]) -> T:
     return asyncio.run(coro)
 
 
-@app.command()
-def create(
-    hypervisor: options.Hypervisor = "qemu",
-    cpus: options.Cpus = 1,
-    max_cpus: options.MaxCpus = 4,
-    memory: options.Memory = 512,
-    kernel: options.Kernel = None,
-    initrd: options.Initrd = None,
-    guest_disk: options.GuestDisk = None,
-    flavour: options.Flavour = "cloud",
-    share: options.Shares = None,
-    network: options.Network = "none",
-    publish: options.Publish = None,
-    allow_egress: options.AllowEgress = None,
-    tap_range: options.TapRange = options.DEFAULT_TAP_RANGE,
-    name: Annotated[str | None, typer.Option("--id", help="Sandbox id (default: random).")] = None,
-    image: options.OciImage = None,
-    disk_size: options.DiskSize = None,
-    tls_verify: options.TlsVerify = "true",
-    as_json: Json = False,
-) -> None:
+@click.command()
+@options.sandbox_options
+@click.option("--id", "name", help="Sandbox id (default: random).")
+@json_option
+def create(sandbox: options.SandboxOptions, name: str | None, as_json: bool) -> None:
     """Record a new sandbox (nothing boots until `vc start ID`). Prints its id.
 
     With --image every `vc exec` runs in that image's root file system, with its Env,
     WorkingDir and User unless -e/-w/-u say otherwise.
     """
-    config = options.build_config(
-        cpus=cpus, max_cpus=max_cpus, memory=memory, kernel=kernel, initrd=initrd,
-        guest_disk=guest_disk, flavour=flavour,
-    )  # fmt: skip
-    if image is None and disk_size:
+    config = sandbox.config()
+    if sandbox.image is None and sandbox.disk_size:
         raise ConfigError("--disk-size needs --image", field="--disk-size")
     from virtcontainers.sandbox import Sandbox
 
-    spec = options.network_spec(network, publish, allow_egress, tap_range)
-    stored = None
-    if image is not None:
-        from virtcontainers.cli.image import progress_bar
-        from virtcontainers.images import ensure_image
-
-        with progress_bar(image) as progress:
-            stored = ensure_image(
-                image, tls_verify=options.parse_bool(tls_verify, "--tls-verify"),
-                progress=progress,
-            )  # fmt: skip
-    sandbox = _run(
+    spec = sandbox.network_spec()
+    stored = sandbox.pull_image()
+    created = _run(
         Sandbox.create(
             config,
             id=name,
-            hypervisor=hypervisor,
-            devices=options.share_devices(share),
+            hypervisor=sandbox.hypervisor,
+            devices=sandbox.devices(),
             network=spec,
             image=stored,
-            disk_size_mb=options.disk_size_mb(disk_size),
+            disk_size_mb=sandbox.disk_size_mb(),
         )
     )
-    _emit(sandbox.info().to_dict(), as_json, sandbox.id)
+    _emit(created.info().to_dict(), as_json, created.id)
 
 
-@app.command()
-def start(
-    sandbox_id: SandboxId,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest agent.")] = 60,
-    as_json: Json = False,
-) -> None:
+@click.command()
+@sandbox_id_argument
+@click.option("--timeout", default=60.0, help="Seconds to wait for the guest agent.")
+@json_option
+def start(sandbox_id: str, timeout: float, as_json: bool) -> None:
     """Boot a created sandbox in the background; returns once its guest agent answers.
 
     The sandbox's server (`python -m virtcontainers.server`) owns the VM from then on and
@@ -133,222 +102,11 @@ def start(
     _emit(_run(go()), as_json, f"{sandbox_id} running")
 
 
-@app.command(name="exec", context_settings={"allow_interspersed_args": False})
-def exec_(
-    sandbox_id: SandboxId,
-    command: Annotated[list[str], typer.Argument(help="The command to run in the guest.")],
-    tty: Annotated[bool, typer.Option("--tty", "-t", help="Allocate a terminal.")] = False,
-    interactive: Annotated[
-        bool, typer.Option("--interactive", "-i", help="Forward stdin even from a terminal.")
-    ] = False,
-    detach: Annotated[
-        bool,
-        typer.Option("--detach", "-d", help="Start it in the background; print its pid."),
-    ] = False,
-    env: options.Env = None,
-    workdir: options.Workdir = None,
-    user: options.User = None,
-) -> None:
-    """Run COMMAND in a running sandbox; exits with its exit code (127: not found).
-
-    In an image sandbox the image's Env, WorkingDir and User apply; -e/-w/-u override them.
-
-    `-it` gives an interactive terminal (raw mode, window size forwarded, Ctrl-C reaches the
-    guest process). `-d` returns at once with the guest pid: see `vc top`, `vc attach`,
-    `vc kill`.
-
-    Examples: vc exec 3f2a9c -- ls -l /     vc exec -it 3f2a9c sh
-    """
-
-    argv = command[1:] if command[:1] == ["--"] else command
-    how = _exec_process(sandbox_id, options.env_items(env), workdir, user)
-
-    async def go() -> int:
-        from virtcontainers.agent.client import AgentRequestError
-        from virtcontainers.cli.streams import exec_failed, follow, terminal_size
-
-        client = await _server_client(sandbox_id)
-        if client is None:  # no server (it died): reattach directly
-            return await _direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
-                                      detach=detach, how=how)  # fmt: skip
-        try:
-            size = terminal_size() if tty else None
-            try:
-                proc = await client.exec_stream(
-                    argv, how.env, how.cwd, how.uid, how.gid, tty=tty, tty_size=size,
-                    keep=detach, no_stdin=detach and not interactive,
-                )  # fmt: skip
-            except AgentRequestError as exc:
-                return exec_failed(exc)
-            if detach:
-                print(proc.pid)
-                return 0
-            return await follow(proc, tty=tty, interactive=interactive)
-        finally:
-            await client.close()
-
-    raise typer.Exit(_run(go()))
-
-
-class _ExecHow:
-    """The environment, working directory and ids an exec gets (image defaults applied)."""
-
-    def __init__(
-        self, env: dict[str, str] | None, cwd: str | None, uid: int | None, gid: int | None
-    ) -> None:
-        self.env, self.cwd, self.uid, self.gid = env, cwd, uid, gid
-
-
-def _exec_process(
-    sandbox_id: str, env: dict[str, str] | None, workdir: str | None, user: str | None
-) -> _ExecHow:
-    """``-e/-w/-u`` over the sandbox's image config (read from its record, so the server
-    path needs no sandbox layer); without an image ``-e`` adds to the guest's PATH."""
-    from virtcontainers.persist.store import StateStore
-
-    doc = StateStore().load(sandbox_id)
-    if doc.extra.get("image"):
-        from virtcontainers.images.sandbox_image import SandboxImage
-
-        image = SandboxImage.from_json(doc.extra["image"])
-        full, cwd, uid, gid = image.exec_defaults(env, workdir, None, None, user)
-        return _ExecHow(full, cwd, uid, gid)
-    ids: tuple[int | None, int | None] = (None, None)
-    if user is not None:
-        from virtcontainers.images.sandbox_image import SandboxImage
-
-        ids = SandboxImage.numeric_user(user)
-    return _ExecHow(options.plain_env(env), workdir, *ids)
-
-
-async def _direct_exec(
-    sandbox_id: str, argv: list[str], *, tty: bool, interactive: bool, detach: bool, how: _ExecHow
-) -> int:
-    from virtcontainers.cli.streams import stream_exec
-    from virtcontainers.sandbox import Sandbox
-
-    sandbox = await Sandbox.attach(sandbox_id)
-    try:
-        if detach:
-            await sandbox.exec_stream(argv, detach=True)  # raises: needs a server
-        return await stream_exec(
-            sandbox, argv, tty=tty, interactive=interactive, env=how.env, cwd=how.cwd,
-            uid=how.uid, gid=how.gid,
-        )  # fmt: skip
-    finally:
-        await sandbox.close()
-
-
-async def _server_client(sandbox_id: str) -> ServerClient | None:
-    """A connection to the sandbox's server, found without loading the sandbox layer."""
-    from virtcontainers.errors import AgentError
-    from virtcontainers.persist.store import StateStore
-    from virtcontainers.server.client import ServerClient, socket_path
-
-    run_dir = StateStore().sandbox_dir(sandbox_id)
-    if not socket_path(run_dir).exists():
-        return None
-    try:
-        return await ServerClient.connect(run_dir)
-    except AgentError:
-        return None
-
-
-async def _require_server(sandbox_id: str) -> ServerClient:
-    client = await _server_client(sandbox_id)
-    if client is None:
-        from virtcontainers.sandbox import Sandbox
-
-        sandbox = await Sandbox.attach(sandbox_id)  # StoreError for an unknown id
-        return await sandbox.server_client()  # StateError: no server
-    return client
-
-
-@app.command()
-def top(sandbox_id: SandboxId, as_json: Json = False) -> None:
-    """List the processes started in the sandbox through its agent (`vc exec`, `vc run`)."""
-
-    async def go() -> object:
-        client = await _require_server(sandbox_id)
-        try:
-            return await client.call("processes")
-        finally:
-            await client.close()
-
-    procs = _run(go())
-    if as_json or not isinstance(procs, list):
-        print(json.dumps(procs, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("PID", "STATE", "TTY", "DETACHED", "ATTACHED", "COMMAND")
-    for p in procs:
-        if p["running"]:
-            state = "running"
-        elif p.get("signal") is not None:
-            state = f"killed ({p['signal']})"
-        else:
-            state = f"exited ({p.get('exit_code')})"
-        table.add_row(str(p["pid"]), state, "yes" if p["tty"] else "", "yes" if p["detached"]
-                      else "", "yes" if p["attached"] else "", " ".join(p["argv"]))  # fmt: skip
-    Console().print(table)
-
-
-@app.command()
-def attach(
-    sandbox_id: SandboxId,
-    pid: Annotated[int, typer.Argument(help="The guest pid (see `vc top`).")],
-) -> None:
-    """Reconnect to a process started with `vc exec -d`: its output so far (the latest
-    256 KiB), then live; stdin is forwarded. Exits with its exit code."""
-
-    async def go() -> int:
-        from virtcontainers.cli.streams import follow
-
-        client = await _require_server(sandbox_id)
-        try:
-            procs = await client.call("processes")
-            tty = isinstance(procs, list) and any(p["pid"] == pid and p["tty"] for p in procs)
-            proc = await client.attach(pid)
-            return await follow(proc, tty=tty, interactive=True)
-        finally:
-            await client.close()
-
-    raise typer.Exit(_run(go()))
-
-
-@app.command()
-def kill(
-    sandbox_id: SandboxId,
-    pid: Annotated[int, typer.Argument(help="The guest pid (see `vc top`).")],
-    sig: Annotated[str, typer.Argument(metavar="SIGNAL", help="Name or number.")] = "TERM",
-) -> None:
-    """Send SIGNAL (default TERM) to a guest process started through the agent."""
-    import signal
-
-    name = sig.upper().removeprefix("SIG")
-    try:
-        number = int(name) if name.isdigit() else int(signal.Signals[f"SIG{name}"])
-    except KeyError:
-        raise ConfigError(f"unknown signal {sig!r}", field="SIGNAL") from None
-
-    async def go() -> object:
-        client = await _require_server(sandbox_id)
-        try:
-            return await client.call("kill", pid=pid, signal=number)
-        finally:
-            await client.close()
-
-    _run(go())
-
-
-@app.command()
-def cp(
-    source: Annotated[str, typer.Argument(help="LOCAL_PATH or ID:GUEST_PATH")],
-    dest: Annotated[str, typer.Argument(help="ID:GUEST_PATH or LOCAL_PATH")],
-    mode: Annotated[str, typer.Option(help="Octal mode for a file copied in.")] = "644",
-) -> None:
+@click.command()
+@click.argument("source", help="LOCAL_PATH or ID:GUEST_PATH")
+@click.argument("dest", help="ID:GUEST_PATH or LOCAL_PATH")
+@click.option("--mode", default="644", help="Octal mode for a file copied in.")
+def cp(source: str, dest: str, mode: str) -> None:
     """Copy a file into (`vc cp f ID:/f`) or out of (`vc cp ID:/f f`) a running sandbox."""
     if ":" in dest and ":" not in source:
         sandbox_id, guest = dest.split(":", 1)
@@ -367,8 +125,9 @@ def cp(
         raise ConfigError("exactly one of SOURCE and DEST must be ID:PATH", field="cp")
 
 
-@app.command()
-def ps(as_json: Json = False) -> None:
+@click.command()
+@json_option
+def ps(as_json: bool) -> None:
     """List sandboxes and their state (checked against the live VMM process)."""
     from virtcontainers.listing import list_sandboxes
 
@@ -387,13 +146,10 @@ def ps(as_json: Json = False) -> None:
     Console().print(table)
 
 
-@app.command()
-def logs(
-    sandbox_id: SandboxId,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new output.")
-    ] = False,
-) -> None:
+@click.command()
+@sandbox_id_argument
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output.")
+def logs(sandbox_id: str, follow: bool) -> None:
     """Print the guest console (kernel, init and agent messages)."""
     from virtcontainers.sandbox import Sandbox
 
@@ -411,25 +167,29 @@ def logs(
         time.sleep(0.2)
 
 
-@app.command()
-def pause(sandbox_id: SandboxId) -> None:
+@click.command()
+@sandbox_id_argument
+def pause(sandbox_id: str) -> None:
     """Freeze the sandbox's vCPUs."""
     _with_sandbox(sandbox_id, lambda s: s.pause())
 
 
-@app.command()
-def resume(sandbox_id: SandboxId) -> None:
+@click.command()
+@sandbox_id_argument
+def resume(sandbox_id: str) -> None:
     """Unfreeze a paused sandbox."""
     _with_sandbox(sandbox_id, lambda s: s.resume())
 
 
-@app.command()
-def hotplug(
-    sandbox_id: SandboxId,
-    disk: Annotated[Path, typer.Option("--disk", help="Host file or block device to plug.")],
-    read_only: Annotated[bool, typer.Option("--read-only", help="Plug it read-only.")] = False,
-    as_json: Json = False,
-) -> None:
+@click.command()
+@sandbox_id_argument
+@click.option(
+    "--disk", type=click.Path(path_type=Path), required=True,
+    help="Host file or block device to plug.",
+)  # fmt: skip
+@click.option("--read-only", is_flag=True, help="Plug it read-only.")
+@json_option
+def hotplug(sandbox_id: str, disk: Path, read_only: bool, as_json: bool) -> None:
     """Plug a disk into a running sandbox (it appears as /dev/vdX in the guest)."""
     import secrets
 
@@ -446,15 +206,12 @@ def hotplug(
     _with_sandbox(sandbox_id, go)
 
 
-@app.command()
-def resize(
-    sandbox_id: SandboxId,
-    cpus: Annotated[int | None, typer.Option("--cpus", help="vCPUs wanted.")] = None,
-    memory: Annotated[
-        int | None, typer.Option("--memory", help="Memory wanted, MiB (grow only).")
-    ] = None,
-    as_json: Json = False,
-) -> None:
+@click.command()
+@sandbox_id_argument
+@click.option("--cpus", type=int, help="vCPUs wanted.")
+@click.option("--memory", type=int, help="Memory wanted, MiB (grow only).")
+@json_option
+def resize(sandbox_id: str, cpus: int | None, memory: int | None, as_json: bool) -> None:
     """Change a running sandbox's vCPUs (up or down) or memory (up, in 128 MiB blocks)."""
     if cpus is None and memory is None:
         raise ConfigError("resize needs --cpus or --memory (or both)", field="resize")
@@ -470,23 +227,19 @@ def resize(
     _with_sandbox(sandbox_id, go)
 
 
-@app.command()
-def stop(
-    sandbox_id: SandboxId,
-    force: Annotated[
-        bool, typer.Option("--force", help="Stop the VMM at once instead of a guest power-off.")
-    ] = False,
-) -> None:
+@click.command()
+@sandbox_id_argument
+@click.option("--force", is_flag=True, help="Stop the VMM at once instead of a guest power-off.")
+def stop(sandbox_id: str, force: bool) -> None:
     """Stop a sandbox: the guest syncs and powers off (the console log stays complete).
     Its record and logs stay until `vc rm`."""
     _with_sandbox(sandbox_id, lambda s: s.stop(wait_only=not force))
 
 
-@app.command()
-def rm(
-    sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids.")],
-    force: Annotated[bool, typer.Option("--force", "-f", help="Stop running ones first.")] = False,
-) -> None:
+@click.command()
+@click.argument("sandbox_ids", nargs=-1, required=True, help="Sandbox ids.")
+@click.option("--force", "-f", is_flag=True, help="Stop running ones first.")
+def rm(sandbox_ids: tuple[str, ...], force: bool) -> None:
     """Remove sandboxes: record, logs and run dir. Running ones need --force."""
     for sandbox_id in sandbox_ids:
 

@@ -1,0 +1,235 @@
+"""Processes in a running sandbox: exec, top, attach, kill.
+
+These go to the sandbox's server; `vc exec` without a server (it died) reattaches directly.
+Imports are made inside the commands: `vc exec` must not pay for the drivers, configs or
+rich (see bench/cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from virtcontainers.cli import options
+from virtcontainers.cli.sandboxes import _run, json_option, sandbox_id_argument
+from virtcontainers.errors import ConfigError
+
+if TYPE_CHECKING:
+    from virtcontainers.server.client import ServerClient
+
+
+@click.command(name="exec", context_settings={"allow_interspersed_args": False})
+@sandbox_id_argument
+@click.argument("command", nargs=-1, required=True, help="The command to run in the guest.")
+@click.option("--tty", "-t", is_flag=True, help="Allocate a terminal.")
+@click.option("--interactive", "-i", is_flag=True, help="Forward stdin even from a terminal.")
+@click.option("--detach", "-d", is_flag=True, help="Start it in the background; print its pid.")
+@options.process_options
+def exec_(
+    sandbox_id: str,
+    command: tuple[str, ...],
+    tty: bool,
+    interactive: bool,
+    detach: bool,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+) -> None:
+    """Run COMMAND in a running sandbox; exits with its exit code (127: not found).
+
+    In an image sandbox the image's Env, WorkingDir and User apply; -e/-w/-u override them.
+
+    `-it` gives an interactive terminal (raw mode, window size forwarded, Ctrl-C reaches the
+    guest process). `-d` returns at once with the guest pid: see `vc top`, `vc attach`,
+    `vc kill`.
+
+    \b
+    Examples:
+      vc exec 3f2a9c -- ls -l /
+      vc exec -it 3f2a9c sh
+    """
+
+    argv = list(command[1:] if command[:1] == ("--",) else command)
+    how = _exec_process(sandbox_id, options.env_items(env), workdir, user)
+
+    async def go() -> int:
+        from virtcontainers.agent.client import AgentRequestError
+        from virtcontainers.cli.streams import exec_failed, follow, terminal_size
+
+        client = await _server_client(sandbox_id)
+        if client is None:  # no server (it died): reattach directly
+            return await _direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
+                                      detach=detach, how=how)  # fmt: skip
+        try:
+            size = terminal_size() if tty else None
+            try:
+                proc = await client.exec_stream(
+                    argv, how.env, how.cwd, how.uid, how.gid, tty=tty, tty_size=size,
+                    keep=detach, no_stdin=detach and not interactive,
+                )  # fmt: skip
+            except AgentRequestError as exc:
+                return exec_failed(exc)
+            if detach:
+                print(proc.pid)
+                return 0
+            return await follow(proc, tty=tty, interactive=interactive)
+        finally:
+            await client.close()
+
+    sys.exit(_run(go()))
+
+
+class _ExecHow:
+    """The environment, working directory and ids an exec gets (image defaults applied)."""
+
+    def __init__(
+        self, env: dict[str, str] | None, cwd: str | None, uid: int | None, gid: int | None
+    ) -> None:
+        self.env, self.cwd, self.uid, self.gid = env, cwd, uid, gid
+
+
+def _exec_process(
+    sandbox_id: str, env: dict[str, str] | None, workdir: str | None, user: str | None
+) -> _ExecHow:
+    """``-e/-w/-u`` over the sandbox's image config (read from its record, so the server
+    path needs no sandbox layer); without an image ``-e`` adds to the guest's PATH."""
+    from virtcontainers.persist.store import StateStore
+
+    doc = StateStore().load(sandbox_id)
+    if doc.extra.get("image"):
+        from virtcontainers.images.sandbox_image import SandboxImage
+
+        image = SandboxImage.from_json(doc.extra["image"])
+        full, cwd, uid, gid = image.exec_defaults(env, workdir, None, None, user)
+        return _ExecHow(full, cwd, uid, gid)
+    ids: tuple[int | None, int | None] = (None, None)
+    if user is not None:
+        from virtcontainers.images.sandbox_image import SandboxImage
+
+        ids = SandboxImage.numeric_user(user)
+    return _ExecHow(options.plain_env(env), workdir, *ids)
+
+
+async def _direct_exec(
+    sandbox_id: str, argv: list[str], *, tty: bool, interactive: bool, detach: bool, how: _ExecHow
+) -> int:
+    from virtcontainers.cli.streams import stream_exec
+    from virtcontainers.sandbox import Sandbox
+
+    sandbox = await Sandbox.attach(sandbox_id)
+    try:
+        if detach:
+            await sandbox.exec_stream(argv, detach=True)  # raises: needs a server
+        return await stream_exec(
+            sandbox, argv, tty=tty, interactive=interactive, env=how.env, cwd=how.cwd,
+            uid=how.uid, gid=how.gid,
+        )  # fmt: skip
+    finally:
+        await sandbox.close()
+
+
+async def _server_client(sandbox_id: str) -> ServerClient | None:
+    """A connection to the sandbox's server, found without loading the sandbox layer."""
+    from virtcontainers.errors import AgentError
+    from virtcontainers.persist.store import StateStore
+    from virtcontainers.server.client import ServerClient, socket_path
+
+    run_dir = StateStore().sandbox_dir(sandbox_id)
+    if not socket_path(run_dir).exists():
+        return None
+    try:
+        return await ServerClient.connect(run_dir)
+    except AgentError:
+        return None
+
+
+async def _require_server(sandbox_id: str) -> ServerClient:
+    client = await _server_client(sandbox_id)
+    if client is None:
+        from virtcontainers.sandbox import Sandbox
+
+        sandbox = await Sandbox.attach(sandbox_id)  # StoreError for an unknown id
+        return await sandbox.server_client()  # StateError: no server
+    return client
+
+
+@click.command()
+@sandbox_id_argument
+@json_option
+def top(sandbox_id: str, as_json: bool) -> None:
+    """List the processes started in the sandbox through its agent (`vc exec`, `vc run`)."""
+
+    async def go() -> object:
+        client = await _require_server(sandbox_id)
+        try:
+            return await client.call("processes")
+        finally:
+            await client.close()
+
+    procs = _run(go())
+    if as_json or not isinstance(procs, list):
+        print(json.dumps(procs, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("PID", "STATE", "TTY", "DETACHED", "ATTACHED", "COMMAND")
+    for p in procs:
+        if p["running"]:
+            state = "running"
+        elif p.get("signal") is not None:
+            state = f"killed ({p['signal']})"
+        else:
+            state = f"exited ({p.get('exit_code')})"
+        table.add_row(str(p["pid"]), state, "yes" if p["tty"] else "", "yes" if p["detached"]
+                      else "", "yes" if p["attached"] else "", " ".join(p["argv"]))  # fmt: skip
+    Console().print(table)
+
+
+@click.command()
+@sandbox_id_argument
+@click.argument("pid", type=int, help="The guest pid (see `vc top`).")
+def attach(sandbox_id: str, pid: int) -> None:
+    """Reconnect to a process started with `vc exec -d`: its output so far (the latest
+    256 KiB), then live; stdin is forwarded. Exits with its exit code."""
+
+    async def go() -> int:
+        from virtcontainers.cli.streams import follow
+
+        client = await _require_server(sandbox_id)
+        try:
+            procs = await client.call("processes")
+            tty = isinstance(procs, list) and any(p["pid"] == pid and p["tty"] for p in procs)
+            proc = await client.attach(pid)
+            return await follow(proc, tty=tty, interactive=True)
+        finally:
+            await client.close()
+
+    sys.exit(_run(go()))
+
+
+@click.command()
+@sandbox_id_argument
+@click.argument("pid", type=int, help="The guest pid (see `vc top`).")
+@click.argument("sig", metavar="[SIGNAL]", default="TERM", help="Name or number.")
+def kill(sandbox_id: str, pid: int, sig: str) -> None:
+    """Send SIGNAL (default TERM) to a guest process started through the agent."""
+    import signal
+
+    name = sig.upper().removeprefix("SIG")
+    try:
+        number = int(name) if name.isdigit() else int(signal.Signals[f"SIG{name}"])
+    except KeyError:
+        raise ConfigError(f"unknown signal {sig!r}", field="SIGNAL") from None
+
+    async def go() -> object:
+        client = await _require_server(sandbox_id)
+        try:
+            return await client.call("kill", pid=pid, signal=number)
+        finally:
+            await client.close()
+
+    _run(go())
