@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from virtcontainers.deadline import Deadline, poll_until
+from virtcontainers.telemetry.tracing import operation
 
 __all__ = ["ConsoleWatcher"]
 
@@ -99,15 +100,19 @@ class ConsoleWatcher:
         """
         if self._task is None:
             return True
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._task)
-        except TimeoutError:
-            await self.close_now()
-            return False
-        finally:
-            self._close_writer()
-        return True
+        with operation("ConsoleFlush", {"vc.console.log": str(self.log_path)}) as op:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                await self.close_now()
+                op.set("vc.console.complete", False)
+                return False
+            finally:
+                self._close_writer()
+                op.set("vc.console.lines", self.lines)
+            op.set("vc.console.complete", True)
+            return True
 
     async def close_now(self) -> None:
         """Stop reading at once. What the guest prints afterwards is lost."""

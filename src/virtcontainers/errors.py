@@ -4,7 +4,8 @@
 
     VirtContainersError
     ├── ConfigError            bad configuration; names the field / file:key and the allowed values
-    │   └── AnnotationError    an annotation not enabled, or a path outside the allowed globs
+    │   ├── AnnotationError    an annotation not enabled, or a path outside the allowed globs
+    │   └── MissingDependencyError  an optional feature's package is not installed: which extra
     ├── AssetError             missing / relative / hash mismatch
     ├── HypervisorError        carries driver and sandbox id
     │   ├── LaunchError        VMM exited or never became ready: exit code, argv, log tail
@@ -44,6 +45,7 @@ __all__ = [
     "ImageNotFoundError",
     "ImageSpaceError",
     "LaunchError",
+    "MissingDependencyError",
     "NetworkError",
     "StateError",
     "StoreError",
@@ -79,6 +81,23 @@ class AnnotationError(ConfigError):
     def __init__(self, message: str, *, annotation: str) -> None:
         self.annotation = annotation
         super().__init__(message, field=annotation)
+
+
+class MissingDependencyError(ConfigError):
+    """An optional feature was asked for but its package is not installed.
+
+    ``package`` is the missing import, ``extra`` the ``virtcontainers[...]`` extra that
+    installs it.
+    """
+
+    def __init__(self, feature: str, *, package: str, extra: str, field: str | None = None) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{feature} needs {package}, which is not installed: "
+            f"pip install 'virtcontainers[{extra}]'",
+            field=field,
+        )
 
 
 class AssetError(VirtContainersError):

@@ -22,6 +22,7 @@ from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import AgentSocket, ColdPlugDevice, HotplugDevice, MemoryDevice
 from virtcontainers.errors import ConfigError, StateError, UnsupportedError
 from virtcontainers.persist.hypervisor_state import HypervisorState
+from virtcontainers.telemetry.tracing import instrument_hypervisor
 
 __all__ = [
     "Capabilities",
@@ -141,6 +142,12 @@ class Hypervisor(abc.ABC):
     """
 
     driver: ClassVar[HypervisorType]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        # Every driver's operations are spans (CreateVM, StartVM, ...: telemetry.tracing),
+        # added here once instead of in each driver.
+        super().__init_subclass__(**kwargs)
+        instrument_hypervisor(cls)
 
     def __init__(self) -> None:
         self._state = VmState.NEW
@@ -308,6 +315,9 @@ class Hypervisor(abc.ABC):
 
     def _unsupported_op(self, operation: str) -> UnsupportedError:
         return UnsupportedError(operation, driver=self.driver.value, sandbox_id=self.sandbox_id)
+
+
+instrument_hypervisor(Hypervisor)  # the base's defaults (UnsupportedError) are spans too
 
 
 # -- registry ---------------------------------------------------------------------------

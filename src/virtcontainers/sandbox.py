@@ -55,6 +55,7 @@ from virtcontainers.network import Attachment, NetworkSpec
 from virtcontainers.persist.hypervisor_state import HypervisorState
 from virtcontainers.persist.store import SandboxDocument, StateStore
 from virtcontainers.process import VmmProcess, process_matches
+from virtcontainers.telemetry.tracing import traced
 
 if TYPE_CHECKING:
     from virtcontainers.server.client import ServerClient
@@ -68,6 +69,22 @@ log = logging.getLogger(__name__)
 AGENT_READY_TIMEOUT = 60.0
 #: Linux's memory block size on x86_64: hot-plugged memory is added in these units.
 MEMORY_BLOCK_MB = 128
+
+
+def _ids(sb: Sandbox, *_args: object, **_kwargs: object) -> dict[str, str]:
+    """Every sandbox span's attributes (telemetry.tracing; docs/observability.md)."""
+    return {"vc.sandbox.id": sb.id, "vc.driver": sb._doc.hypervisor_type}
+
+
+def _sized(sb: Sandbox, *_args: object, **kwargs: object) -> dict[str, object]:
+    info = sb.info()
+    return {**_ids(sb), "vc.vcpus": info.vcpus, "vc.memory_mib": info.memory_mb,
+            "vc.server": bool(kwargs.get("server", False))}  # fmt: skip
+
+
+def _exited(result: ExecResult) -> dict[str, object]:
+    return {"vc.exec.exit_code": -1 if result.exit_code is None else result.exit_code,
+            "vc.exec.signal": result.signal or 0, "vc.exec.timed_out": result.timed_out}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,15 @@ class Sandbox:
     # -- construction -----------------------------------------------------------------
 
     @classmethod
+    @traced(
+        "sandbox.create",
+        lambda _cls, config, **kw: {
+            "vc.driver": str(kw.get("hypervisor", HypervisorType.QEMU)),
+            "vc.vcpus": config.resources.num_vcpus,
+            "vc.memory_mib": config.resources.memory_size,
+        },
+        lambda sb: {"vc.sandbox.id": sb.id},
+    )
     async def create(
         cls,
         config: HypervisorConfig,
@@ -244,6 +270,7 @@ class Sandbox:
 
     # -- lifecycle --------------------------------------------------------------------
 
+    @traced("sandbox.start", _sized)
     async def start(
         self,
         timeout: float = AGENT_READY_TIMEOUT,
@@ -314,6 +341,7 @@ class Sandbox:
         if detach:
             await self._release()
 
+    @traced("sandbox.adopt", _ids)
     async def adopt(self, timeout: float = 10.0) -> None:
         """Take over a running VM whose owner (a sandbox server) died: reattach to its VMM
         (control socket and console) and its agent, which then answers this process.
@@ -340,6 +368,7 @@ class Sandbox:
                     ) from None
                 await asyncio.sleep(0.05)
 
+    @traced("sandbox.stop", lambda sb, wait_only=True: {**_ids(sb), "vc.wait_only": wait_only})
     async def stop(self, wait_only: bool = True) -> None:
         """Stop the VM. Idempotent.
 
@@ -393,6 +422,7 @@ class Sandbox:
         pid = self._doc.hypervisor.pid
         return bool(pid) and process_matches(pid, self._doc.hypervisor.run_dir)
 
+    @traced("sandbox.remove", _ids)
     async def remove(self) -> None:
         """Stop if needed, then delete the sandbox's record, logs and run dir."""
         if (remote := await self._server()) is not None:
@@ -426,6 +456,7 @@ class Sandbox:
         await net.teardown()
         self._save_network(net.forgotten())
 
+    @traced("sandbox.pause", _ids)
     async def pause(self) -> None:
         if (remote := await self._server()) is not None:
             await remote.call("pause")
@@ -434,6 +465,7 @@ class Sandbox:
         await (await self._control()).pause_sandbox()
         self._save(VmState.PAUSED)
 
+    @traced("sandbox.resume", _ids)
     async def resume(self) -> None:
         if (remote := await self._server()) is not None:
             await remote.call("resume")
@@ -444,6 +476,7 @@ class Sandbox:
 
     # -- work in the guest ------------------------------------------------------------
 
+    @traced("sandbox.exec", lambda sb, argv, **_: {**_ids(sb), "vc.exec.command": argv[0] if argv else ""}, _exited)  # fmt: skip
     async def exec(
         self,
         argv: Sequence[str],
@@ -472,6 +505,7 @@ class Sandbox:
             list(argv), env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
         )
 
+    @traced("sandbox.exec_stream", lambda sb, argv, **kw: {**_ids(sb), "vc.exec.command": argv[0] if argv else "", "vc.exec.tty": bool(kw.get("tty"))})  # fmt: skip
     async def exec_stream(
         self,
         argv: Sequence[str],
@@ -528,9 +562,11 @@ class Sandbox:
             uid, gid = (u if uid is None else uid), (g if gid is None else gid)
         return env, cwd, uid, gid
 
+    @traced("sandbox.write_file", lambda sb, path, data, *_: {**_ids(sb), "vc.file.path": path, "vc.file.bytes": len(data)})  # fmt: skip
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         await (await self._connect_agent()).write_file(path, data, mode)
 
+    @traced("sandbox.read_file", lambda sb, path: {**_ids(sb), "vc.file.path": path})
     async def read_file(self, path: str) -> bytes:
         return await (await self._connect_agent()).read_file(path)
 
@@ -543,6 +579,7 @@ class Sandbox:
 
     # -- resources --------------------------------------------------------------------
 
+    @traced("sandbox.hotplug", lambda sb, device: {**_ids(sb), "vc.device.kind": device.kind.value})
     async def hotplug(self, device: HotplugDevice) -> HotplugDevice:
         """Plug a device into the running VM; CPUs and memory are onlined in the guest."""
         if (remote := await self._server()) is not None:
@@ -569,6 +606,7 @@ class Sandbox:
             )
         return plugged
 
+    @traced("sandbox.resize_vcpus", lambda sb, vcpus: {**_ids(sb), "vc.vcpus": vcpus})
     async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
         """Returns (before, after); new vCPUs are onlined in the guest."""
         if (remote := await self._server()) is not None:
@@ -583,6 +621,7 @@ class Sandbox:
         self._save(VmState(self._doc.state))
         return old, new
 
+    @traced("sandbox.resize_memory", lambda sb, mem_mb: {**_ids(sb), "vc.memory_mib": mem_mb})
     async def resize_memory(self, mem_mb: int) -> int:
         """Grow the guest to ``mem_mb`` MiB (in 128 MiB blocks, onlined); returns the size."""
         if (remote := await self._server()) is not None:
