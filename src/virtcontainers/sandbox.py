@@ -82,9 +82,21 @@ def _sized(sb: Sandbox, *_args: object, **kwargs: object) -> dict[str, object]:
             "vc.server": bool(kwargs.get("server", False))}  # fmt: skip
 
 
+def _command(
+    sb: Sandbox, argv: Sequence[str], *_args: object, **kwargs: object
+) -> dict[str, object]:
+    command = argv[0] if argv else ""
+    return {**_ids(sb), "vc.exec.command": command, "vc.exec.tty": bool(kwargs.get("tty"))}
+
+
 def _exited(result: ExecResult) -> dict[str, object]:
-    return {"vc.exec.exit_code": -1 if result.exit_code is None else result.exit_code,
-            "vc.exec.signal": result.signal or 0, "vc.exec.timed_out": result.timed_out}  # fmt: skip
+    code = -1 if result.exit_code is None else result.exit_code
+    return {"vc.exec.exit_code": code, "vc.exec.signal": result.signal or 0,
+            "vc.exec.timed_out": result.timed_out}  # fmt: skip
+
+
+def _file(sb: Sandbox, path: str, data: bytes = b"", *_args: object) -> dict[str, object]:
+    return {**_ids(sb), "vc.file.path": path, "vc.file.bytes": len(data)}
 
 
 @dataclass(frozen=True)
@@ -476,7 +488,7 @@ class Sandbox:
 
     # -- work in the guest ------------------------------------------------------------
 
-    @traced("sandbox.exec", lambda sb, argv, **_: {**_ids(sb), "vc.exec.command": argv[0] if argv else ""}, _exited)  # fmt: skip
+    @traced("sandbox.exec", _command, _exited)
     async def exec(
         self,
         argv: Sequence[str],
@@ -505,7 +517,7 @@ class Sandbox:
             list(argv), env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
         )
 
-    @traced("sandbox.exec_stream", lambda sb, argv, **kw: {**_ids(sb), "vc.exec.command": argv[0] if argv else "", "vc.exec.tty": bool(kw.get("tty"))})  # fmt: skip
+    @traced("sandbox.exec_stream", _command)
     async def exec_stream(
         self,
         argv: Sequence[str],
@@ -562,11 +574,11 @@ class Sandbox:
             uid, gid = (u if uid is None else uid), (g if gid is None else gid)
         return env, cwd, uid, gid
 
-    @traced("sandbox.write_file", lambda sb, path, data, *_: {**_ids(sb), "vc.file.path": path, "vc.file.bytes": len(data)})  # fmt: skip
+    @traced("sandbox.write_file", _file)
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         await (await self._connect_agent()).write_file(path, data, mode)
 
-    @traced("sandbox.read_file", lambda sb, path: {**_ids(sb), "vc.file.path": path})
+    @traced("sandbox.read_file", _file)
     async def read_file(self, path: str) -> bytes:
         return await (await self._connect_agent()).read_file(path)
 

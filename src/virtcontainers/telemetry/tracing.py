@@ -127,9 +127,7 @@ def operation(name: str, attributes: Attributes | None = None) -> Iterator[Opera
             _finish(name, span, op.attributes, time.perf_counter() - start, failure)
 
 
-def _finish(
-    name: str, span: Span, attrs: Attributes, seconds: float, failure: str | None
-) -> None:
+def _finish(name: str, span: Span, attrs: Attributes, seconds: float, failure: str | None) -> None:
     for observer in _observers:
         try:
             observer(name, seconds, failure, attrs)
