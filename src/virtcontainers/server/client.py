@@ -16,6 +16,7 @@ from virtcontainers.agent.protocol import Fields, FrameType, Tag, tlv
 from virtcontainers.agent.transport import connect_unix
 from virtcontainers.errors import AgentError, VirtContainersError
 from virtcontainers.server import wire
+from virtcontainers.telemetry.context import current_traceparent
 
 __all__ = ["SOCKET_NAME", "ServerClient", "socket_path"]
 
@@ -45,7 +46,8 @@ class ServerClient(AgentClient):
 
     async def call(self, op: str, timeout: float | None = None, **args: object) -> object:
         """Run server op ``op``; raises the server's error as its public class."""
-        fields = await self._call(FrameType.SERVER, wire.encode_request(op, args), op, timeout)
+        payload = wire.encode_request(op, args, current_traceparent())
+        fields = await self._call(FrameType.SERVER, payload, op, timeout)
         return wire.decode_reply(fields.raw(Tag.DATA))
 
     async def exec_stream(

@@ -46,6 +46,10 @@ from virtcontainers.server import wire
 from virtcontainers.server.client import socket_path
 from virtcontainers.server.peercred import peer_of
 from virtcontainers.server.relay import Relay
+from virtcontainers.telemetry import export, logs
+from virtcontainers.telemetry.context import ENV as TRACEPARENT_ENV
+from virtcontainers.telemetry.metrics import METRICS_SOCKET, SandboxMetrics, serve_http
+from virtcontainers.telemetry.tracing import attached, operation
 
 __all__ = ["SandboxServer", "main", "serve"]
 
@@ -58,13 +62,25 @@ _LOCK_GRACE = 3.0
 class SandboxServer:
     """One sandbox, served. See the module docstring."""
 
-    def __init__(self, sandbox: Sandbox, store: StateStore, *, ephemeral: bool) -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        store: StateStore,
+        *,
+        ephemeral: bool,
+        traceparent: str | None = None,
+    ) -> None:
         self.sandbox = sandbox
         self.store = store
         self.ephemeral = ephemeral
+        self.traceparent = traceparent  # the starter's span: the parent of the boot's
         sandbox.use_server = False  # this process *is* the server
         sandbox.agent_source = self._agent
-        self.relay = Relay(self._handle)
+        self.metrics = SandboxMetrics(
+            sandbox.id, sandbox.info().hypervisor, self._snapshot, self._guest_meminfo
+        )
+        self._probe: AgentClient | None = None
+        self.relay = Relay(self._handle, self.metrics)
         self._lock = asyncio.Lock()
         self._done = asyncio.Event()
         self._ending: str | None = None  # why the VM ends, once we end it ourselves
@@ -80,6 +96,22 @@ class SandboxServer:
             self.relay.attach_upstream(pair, resync=resync)
         return await self.relay.internal_client()
 
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[str, int, int, int]:
+        info = self.sandbox.info()
+        return info.state, info.vcpus, info.memory_mb, info.pid
+
+    async def _guest_meminfo(self) -> bytes:
+        if self._probe is None:
+            self._probe = await self._agent()
+        try:
+            return await self._probe.read_file("/proc/meminfo", timeout=2.0)
+        except BaseException:
+            probe, self._probe = self._probe, None
+            await probe.close()
+            raise
+
     # -- lifetime --------------------------------------------------------------------------
 
     async def run(
@@ -94,6 +126,10 @@ class SandboxServer:
         path.unlink(missing_ok=True)
         listener = await asyncio.start_unix_server(self._accept, path=str(path))
         os.chmod(path, 0o600)
+        metrics_path = self.sandbox.run_dir / METRICS_SOCKET
+        metrics = await serve_http(
+            metrics_path, self.metrics.render, allowed=lambda sock: peer_of(sock).allowed
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._spawn, self._terminate(sig.name))
@@ -104,6 +140,9 @@ class SandboxServer:
             code = await self._boot_and_serve(timeout, ready_fd, adopt)
         finally:
             listener.close()
+            metrics.close()
+            self.metrics.close()
+            metrics_path.unlink(missing_ok=True)
             await self.relay.close()
             for task in list(self._tasks):
                 if task is not asyncio.current_task():
@@ -114,8 +153,14 @@ class SandboxServer:
 
     async def _boot_and_serve(self, timeout: float, ready_fd: int | None, adopt: bool) -> int:
         boot = self.sandbox.adopt(min(timeout, 30.0)) if adopt else self.sandbox.start(timeout)
-        self._boot = asyncio.create_task(boot, name="boot")
-        await asyncio.wait([self._boot])
+        ids = {"vc.sandbox.id": self.sandbox.id, "vc.driver": self.sandbox.info().hypervisor}
+        with (
+            attached(self.traceparent),
+            operation("server.adopt" if adopt else "server.boot", ids),
+        ):
+            # The task copies the context: the boot's spans are children of this one.
+            self._boot = asyncio.create_task(boot, name="boot")
+            await asyncio.wait([self._boot])
         if self._boot.cancelled():  # the ephemeral starter died during boot
             await self._done.wait()
             return 1
@@ -265,6 +310,11 @@ class SandboxServer:
     # -- control ops ---------------------------------------------------------------------
 
     async def _handle(self, op: str, args: wire.JsonObject) -> object:
+        ids = {"vc.sandbox.id": self.sandbox.id, "vc.driver": self.sandbox.info().hypervisor}
+        with operation(f"server.{op}", ids):
+            return await self._serve_op(op, args)
+
+    async def _serve_op(self, op: str, args: wire.JsonObject) -> object:
         sb = self.sandbox
         if op == "info":
             return {**sb.info().to_dict(), "server_pid": os.getpid()}
@@ -335,15 +385,19 @@ async def serve(
     ready_fd: int | None = None,
     lifeline_fd: int | None = None,
     adopt: bool = False,
+    traceparent: str | None = None,
 ) -> int:
     """Boot and serve sandbox ``sandbox_id`` (recorded, in the created state) until it ends;
-    ``adopt``: take over its running VM instead (its previous server died)."""
+    ``adopt``: take over its running VM instead (its previous server died); ``traceparent``:
+    the starter's span, the parent of the boot's."""
     try:
         sandbox = await Sandbox.attach(sandbox_id, store=store)
     except VirtContainersError as exc:
         _report(ready_fd, wire.encode_error(exc))
         return 1
-    server = SandboxServer(sandbox, store, ephemeral=lifeline_fd is not None)
+    server = SandboxServer(
+        sandbox, store, ephemeral=lifeline_fd is not None, traceparent=traceparent
+    )
     return await server.run(
         timeout=timeout, ready_fd=ready_fd, lifeline_fd=lifeline_fd, adopt=adopt
     )
@@ -361,9 +415,17 @@ def main(argv: list[str] | None = None) -> None:
     for fd in (args.ready_fd, args.lifeline_fd):
         if fd is not None:
             os.set_inheritable(fd, False)  # never into the VMM
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # The starter's choices, inherited: log format, trace file / OTEL exporter, parent span.
+    text = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    try:
+        logs.configure(level=logging.INFO, text_format=text)
+    except VirtContainersError:  # a bad VC_LOG_FORMAT must not keep the VM from booting
+        logs.configure("text", level=logging.INFO, text_format=text)
+    traceparent = os.environ.pop(TRACEPARENT_ENV, None)  # not into the VMM
+    try:
+        export.configure(service_name="vc-server")
+    except VirtContainersError as exc:
+        log.error("tracing stays off: %s", exc)
     sys.exit(
         asyncio.run(
             serve(
@@ -373,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
                 ready_fd=args.ready_fd,
                 lifeline_fd=args.lifeline_fd,
                 adopt=args.adopt,
+                traceparent=traceparent,
             )
         )
     )

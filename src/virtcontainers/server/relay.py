@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from virtcontainers.agent.client import AgentClient
 from virtcontainers.agent.protocol import (
@@ -51,6 +51,7 @@ from virtcontainers.agent.protocol import (
 from virtcontainers.agent.transport import StreamPair
 from virtcontainers.errors import AgentError, StateError, VirtContainersError
 from virtcontainers.server import wire
+from virtcontainers.telemetry.tracing import attached
 
 __all__ = ["Handler", "Relay"]
 
@@ -65,6 +66,16 @@ FINISHED_KEPT = 64
 Handler = Callable[[str, "wire.JsonObject"], Awaitable[object]]
 
 C = TypeVar("C", bound=AgentClient)
+
+
+class RelayObserver(Protocol):
+    """Told of every agent round trip and exec (the server's metrics)."""
+
+    def request_done(self, request: str, seconds: float, ok: bool) -> None: ...
+
+    def exec_started(self) -> None: ...
+
+    def exec_exited(self, exit_code: int | None, signal: int | None) -> None: ...
 
 
 @dataclass(eq=False)
@@ -127,13 +138,16 @@ class _Route:
     client_id: int
     exec_request: tuple[list[str], bool, bool] | None = None  # argv, tty, keep
     future: asyncio.Future[Frame] | None = None
+    request: int = 0  # the FrameType sent, and when (for the observer)
+    sent: float = 0.0
 
 
 class Relay:
     """One agent connection shared by any number of clients (see the module docstring)."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, observer: RelayObserver | None = None) -> None:
         self._handler = handler
+        self._observer = observer
         self._up: StreamPair | None = None
         self._up_task: asyncio.Task[None] | None = None
         self._broken: str | None = None
@@ -205,6 +219,12 @@ class Relay:
     def _from_agent(self, frame: Frame) -> None:
         if frame.type in (FrameType.OK, FrameType.ERROR):
             route = self._routes.pop(frame.id, None)
+            if route is not None and route.request and self._observer is not None:
+                self._observer.request_done(
+                    FrameType(route.request).name.lower(),
+                    time.monotonic() - route.sent,
+                    frame.type == FrameType.OK,
+                )
             if route is None:
                 log.debug("reply to unknown request %d dropped", frame.id)
             elif route.future is not None:
@@ -229,6 +249,11 @@ class Relay:
                 owner.send(encode_frame(frame.type, frame.id, frame.payload))
         elif frame.type == FrameType.EXIT:
             ex.exit = frame
+            if self._observer is not None:
+                status = Fields(frame.payload)
+                self._observer.exec_exited(
+                    status.opt_uint(Tag.EXIT_CODE), status.opt_uint(Tag.SIGNAL)
+                )
             del self._execs[frame.id]
             if owner is not None:
                 owner.owned.discard(frame.id)
@@ -262,6 +287,8 @@ class Relay:
                 owner=client if alive else None,
             )
             self._execs[ex.exec_id] = ex
+            if self._observer is not None:
+                self._observer.exec_started()
             if alive and client is not None:
                 client.owned.add(ex.exec_id)
             else:
@@ -280,7 +307,7 @@ class Relay:
             raise AgentError(self._broken)
         fid = self._new_id()
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._routes[fid] = _Route(None, 0, future=future)
+        self._routes[fid] = _Route(None, 0, future=future, request=ftype, sent=time.monotonic())
         if not self._upstream_send(encode_frame(ftype, fid, payload)):
             self._routes.pop(fid, None)
             raise AgentError(self._broken or "no agent connection")
@@ -411,6 +438,7 @@ class Relay:
             self._client_error(client, frame.id, self._broken or "the guest agent is not up")
             return
         fid = self._new_id()
+        route.request, route.sent = frame.type, time.monotonic()
         self._routes[fid] = route
         try:
             data = encode_frame(frame.type, fid, payload)
@@ -429,7 +457,7 @@ class Relay:
     async def _server_request(self, client: _Client, frame: Frame) -> None:
         after: Callable[[], None] | None = None
         try:
-            op, args = wire.decode_request(frame.payload)
+            op, args, parent = wire.decode_request(frame.payload)
             if op == "attach":
                 result, after = self._attach(client, args)
             elif op == "processes":
@@ -439,7 +467,8 @@ class Relay:
             elif op == "resize_tty":
                 result = await self._resize_tty(args)
             else:
-                result = await self._handler(op, args)
+                with attached(parent):  # the client's span is the parent of the server's
+                    result = await self._handler(op, args)
             body = wire.encode_result(result)
         except VirtContainersError as exc:
             body = wire.encode_error(exc)

@@ -26,6 +26,8 @@ from virtcontainers.errors import HypervisorTimeout, LaunchError
 from virtcontainers.persist.store import StateStore
 from virtcontainers.process import VmmProcess
 from virtcontainers.server import wire
+from virtcontainers.telemetry.context import ENV as TRACEPARENT_ENV
+from virtcontainers.telemetry.context import current_traceparent
 
 __all__ = ["ServerProcess", "start_server"]
 
@@ -84,6 +86,9 @@ async def start_server(
     if ephemeral:
         argv += ["--lifeline-fd", str(life_r)]
         pass_fds.append(life_r)
+    # The starter's current span (sandbox.start) becomes the parent of the server's boot.
+    parent = current_traceparent()
+    env = {**os.environ, TRACEPARENT_ENV: parent} if parent else None
     try:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -96,6 +101,7 @@ async def start_server(
                 stderr=log_fd,
                 pass_fds=pass_fds,
                 start_new_session=True,
+                env=env,
             )
         finally:
             os.close(log_fd)

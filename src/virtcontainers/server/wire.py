@@ -1,8 +1,10 @@
 """The server's own requests on top of the agent framing: JSON in a SERVER frame.
 
 A client sends ``SERVER`` frames (type 0x20) whose payload is a UTF-8 JSON object
-``{"op": NAME, "args": {...}}``. The server answers with an ``OK`` frame of the same id whose
-TLV ``DATA`` item holds ``{"result": VALUE}`` or ``{"error": {"kind", "message", "attrs"}}``.
+``{"op": NAME, "args": {...}}``, plus ``"traceparent"`` (W3C trace context) when the
+client's operation is traced, so the server's spans join the client's trace. The server
+answers with an ``OK`` frame of the same id whose TLV ``DATA`` item holds
+``{"result": VALUE}`` or ``{"error": {"kind", "message", "attrs"}}``.
 Errors are rebuilt on the client as the same public class from :mod:`virtcontainers.errors`,
 with the same message and data attributes, so a ``StateError`` raised in the server is a
 ``StateError`` in the client.
@@ -17,17 +19,27 @@ import json
 from virtcontainers import errors
 from virtcontainers.errors import AgentError, VirtContainersError
 
-__all__ = ["decode_reply", "decode_request", "encode_error", "encode_request", "encode_result"]
+__all__ = [
+    "decode_reply",
+    "decode_request",
+    "encode_error",
+    "encode_request",
+    "encode_result",
+]
 
 JsonObject = dict[str, object]
 
 
-def encode_request(op: str, args: JsonObject) -> bytes:
-    return json.dumps({"op": op, "args": args}, separators=(",", ":")).encode()
+def encode_request(op: str, args: JsonObject, traceparent: str | None = None) -> bytes:
+    body: JsonObject = {"op": op, "args": args}
+    if traceparent:
+        body["traceparent"] = traceparent
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
-def decode_request(payload: bytes) -> tuple[str, JsonObject]:
-    """Raises ``AgentError`` for a payload that is not ``{"op": str, "args": object}``."""
+def decode_request(payload: bytes) -> tuple[str, JsonObject, str | None]:
+    """``(op, args, traceparent)``. Raises ``AgentError`` for a payload that is not
+    ``{"op": str, "args": object}``."""
     try:
         raw = json.loads(payload)
     except ValueError as exc:
@@ -37,7 +49,8 @@ def decode_request(payload: bytes) -> tuple[str, JsonObject]:
     args = raw.get("args", {})
     if not isinstance(args, dict):
         raise AgentError("server request 'args' must be an object")
-    return raw["op"], args
+    parent = raw.get("traceparent")
+    return raw["op"], args, parent if isinstance(parent, str) else None
 
 
 def encode_result(value: object) -> bytes:
