@@ -100,7 +100,8 @@ async def test_create_start_exec_stop_span_tree(
     assert {k: create_vm.attributes.get(k) for k in expected} == expected
 
     done, failed = (s for s in finished if s.name == "sandbox.exec")
-    assert done.attributes is not None and failed.attributes is not None
+    assert done.attributes is not None
+    assert failed.attributes is not None
     assert done.attributes["vc.exec.exit_code"] == 3
     assert done.attributes["vc.exec.command"] == "sh"
     assert done.status.status_code is StatusCode.UNSET, "a non-zero exit is not a span error"
@@ -115,11 +116,14 @@ async def test_create_start_exec_stop_span_tree(
     stop = _one(finished, "sandbox.stop")
     assert "StopVM" in _children(finished, stop)
     stop_vm = _one(finished, "StopVM")
-    assert stop_vm.attributes is not None and stop_vm.attributes["vc.wait_only"] is True
+    assert stop_vm.attributes is not None
+    assert stop_vm.attributes["vc.wait_only"] is True
     flush = _one(finished, "ConsoleFlush")
-    assert flush.parent is not None and stop_vm.context is not None
+    assert flush.parent is not None
+    assert stop_vm.context is not None
     assert flush.parent.span_id == stop_vm.context.span_id, "the console flush is in StopVM"
-    assert flush.attributes is not None and flush.attributes["vc.console.complete"] is True
+    assert flush.attributes is not None
+    assert flush.attributes["vc.console.complete"] is True
     assert "reboot: Power down" in console[-1], "the flush read the guest's last line"
     assert int(str(flush.attributes["vc.console.lines"])) == len(console)
     assert all(s.end_time is not None for s in finished)
