@@ -1,0 +1,147 @@
+"""``vc metrics serve``: every sandbox server's metrics behind one Prometheus target.
+
+As kata-monitor does for Kata's shims: at each scrape of ``http://ADDR/metrics`` the monitor
+finds the sandbox servers of the state store (a ``metrics.sock`` in a sandbox's run dir),
+scrapes each of them over its unix socket, merges their series by metric family (every
+series already carries ``sandbox_id`` and ``driver``) and adds its own:
+
+- ``vc_monitor_running_servers``: the servers that answered this scrape;
+- ``vc_monitor_scrapes_total`` / ``vc_monitor_scrape_failures_total``: server scrapes done
+  and failed (a socket left by a killed server, a server that did not answer within the
+  timeout) since the monitor started.
+
+The HTTP side is ``prometheus_client``'s own server (a thread per request).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import httpx
+import prometheus_client
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from virtcontainers.errors import ConfigError
+from virtcontainers.telemetry.metrics import METRICS_SOCKET
+
+__all__ = ["Monitor", "parse_listen", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: How long one server may take to answer (its scrape reads the guest's meminfo).
+SERVER_TIMEOUT = 5.0
+
+
+class Monitor(Collector):
+    """The merged metrics of the sandbox servers under ``store_root`` (see module docstring)."""
+
+    def __init__(self, store_root: Path, *, timeout: float = SERVER_TIMEOUT) -> None:
+        self.store_root = store_root
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._scrapes = 0
+        self._failures = 0
+
+    def sockets(self) -> list[Path]:
+        """The metrics sockets of the sandboxes recorded in the store."""
+        return sorted((self.store_root / "sandboxes").glob(f"*/{METRICS_SOCKET}"))
+
+    def scrape(self, socket: Path) -> str:
+        """One server's exposition text. Raises ``httpx.HTTPError`` when it does not answer."""
+        transport = httpx.HTTPTransport(uds=str(socket))
+        with httpx.Client(transport=transport, timeout=self.timeout) as client:
+            reply = client.get("http://sandbox/metrics")
+            reply.raise_for_status()
+            return reply.text
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # the families depend on what the servers report
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        answered = failed = 0
+        for socket in self.sockets():
+            try:
+                text = self.scrape(socket)
+                parsed = list(text_string_to_metric_families(text))
+            except (httpx.HTTPError, ValueError) as exc:
+                failed += 1
+                log.info("scraping %s failed: %s", socket.parent.name, exc)
+                continue
+            answered += 1
+            for family in parsed:
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                merged.samples.extend(family.samples)
+        with self._lock:
+            self._scrapes += answered + failed
+            self._failures += failed
+            scrapes, failures = self._scrapes, self._failures
+        yield from families.values()
+        yield GaugeMetricFamily(
+            "vc_monitor_running_servers",
+            "Sandbox servers that answered this scrape.",
+            value=answered,
+        )
+        yield CounterMetricFamily(
+            "vc_monitor_scrapes", "Sandbox server scrapes since the monitor started.", scrapes
+        )
+        yield CounterMetricFamily(
+            "vc_monitor_scrape_failures",
+            "Sandbox server scrapes that failed (no answer, killed server's socket).",
+            failures,
+        )
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every interface) -> (host, port).
+
+    Raises:
+        ConfigError: anything else, or a port outside 0-65535.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"--listen {listen!r} is not an address",
+            field="--listen",
+            allowed=["HOST:PORT", "[IPV6]:PORT", ":PORT"],
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port)  # noqa: S104 (":PORT" asks for every interface)
+
+
+def serve(listen: str, store_root: Path) -> tuple[str, int, threading.Event]:
+    """Start serving the merged metrics on ``listen``; returns the address really bound
+    (port 0 picks one) and an event that stops the server when set.
+
+    Raises:
+        ConfigError: a malformed address, or one that cannot be bound.
+    """
+    host, port = parse_listen(listen)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Monitor(store_root))
+    try:
+        httpd, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {listen}: {exc.strerror or exc}", field="--listen"
+        ) from exc
+    stop = threading.Event()
+
+    def shutdown() -> None:
+        stop.wait()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+    threading.Thread(target=shutdown, name="vc-metrics-shutdown", daemon=True).start()
+    bound_host, bound_port = httpd.server_address[:2]
+    return str(bound_host), int(bound_port), stop
