@@ -86,6 +86,7 @@ class SandboxMetrics(Collector):
         self.execs = Counter(
             "vc_exec", "Processes the agent started in the guest.", LABELS, registry=reg
         )
+        self.execs.labels(*self._labels)  # 0 until the first exec, not absent
         self.exec_exits = Counter(
             "vc_exec_exits", "Guest processes that exited, by exit code.",
             [*LABELS, "exit_code"], registry=reg,
