@@ -34,6 +34,7 @@ from virtcontainers.images.sandbox_image import SandboxImage
 from virtcontainers.images.store import StoredImage
 from virtcontainers.persist.store import StateStore
 from virtcontainers.sandbox import Sandbox
+from virtcontainers.telemetry.tracing import traced
 
 __all__ = ["DEFAULT_TEMPLATE_ROOT", "Template"]
 
@@ -116,6 +117,15 @@ class Template:
         return self.path / "state"
 
     @classmethod
+    @traced(
+        "template.create",
+        lambda _cls, config, *_, **__: {
+            "vc.driver": "qemu",
+            "vc.vcpus": config.resources.num_vcpus,
+            "vc.memory_mib": config.resources.memory_size,
+        },
+        lambda template: {"vc.template.path": str(template.path)},
+    )
     async def create(
         cls,
         config: HypervisorConfig,
@@ -179,6 +189,17 @@ class Template:
         cfg.template.boot_from_template = True
         return cfg
 
+    @traced(
+        "template.clone",
+        lambda tpl, *_, **kw: {
+            "vc.driver": "qemu",
+            "vc.template.path": str(tpl.path),
+            "vc.vcpus": kw.get("vcpus") or tpl.config.resources.num_vcpus,
+            "vc.memory_mib": kw.get("memory_mb") or tpl.config.resources.memory_size,
+            "vc.server": bool(kw.get("server", False)),
+        },
+        lambda sb: {"vc.sandbox.id": sb.id},
+    )
     async def clone(
         self,
         id: str | None = None,
