@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from virtcontainers.config import HypervisorConfig
@@ -25,8 +27,13 @@ from virtcontainers.errors import ConfigError, MissingDependencyError, StateErro
 from virtcontainers.hypervisor import NetworkNamespace
 from virtcontainers.server import wire
 from virtcontainers.telemetry import export, logs, tracing
-from virtcontainers.telemetry.metrics import METRICS_SOCKET, SandboxMetrics, serve_http
-from virtcontainers.telemetry.monitor import Monitor, parse_listen
+from virtcontainers.telemetry.metrics import (
+    METRICS_SOCKET,
+    MONITOR_SOCKET,
+    SandboxMetrics,
+    serve_http,
+)
+from virtcontainers.telemetry.monitor import EndedSandboxes, Monitor, parse_listen
 
 
 class _Context:
@@ -324,3 +331,42 @@ async def test_monitor_merges_servers_and_counts_a_dead_one(tmp_path: Path) -> N
     assert execs == {"a": 1.0, "b": 0.0}
     memory = {s.labels["sandbox_id"] for s in families["vc_sandbox_memory_bytes"].samples}
     assert memory == {"a", "b"}
+
+
+async def test_an_ended_sandbox_reports_its_stop_to_the_monitor(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    ends = EndedSandboxes(tmp_path, registry)
+    ends.start()
+    metrics = SandboxMetrics("sb1", "qemu", lambda: ("stopped", 1, 512, 0), _no_guest)
+    try:
+        with tracing.operation("sandbox.stop"):
+            await asyncio.sleep(0.05)
+        metrics.report_end(tmp_path, "stopped on request")
+        deadline = time.monotonic() + 5
+        while (
+            registry.get_sample_value(
+                "vc_monitor_sandboxes_ended_total",
+                {"driver": "qemu", "reason": "stopped on request"},
+            )
+            != 1.0
+        ):
+            assert time.monotonic() < deadline, "the end was not received"
+            await asyncio.sleep(0.01)
+        labels = {"driver": "qemu"}
+        assert (
+            registry.get_sample_value("vc_monitor_sandbox_stop_duration_seconds_count", labels) == 1
+        )
+        stop = registry.get_sample_value("vc_monitor_sandbox_stop_duration_seconds_sum", labels)
+        assert stop is not None
+        assert 0.05 <= stop < 5
+        assert (tmp_path / MONITOR_SOCKET).stat().st_mode & 0o777 == 0o600
+    finally:
+        metrics.close()
+        ends.close()
+    assert not (tmp_path / MONITOR_SOCKET).exists()
+    # No monitor listening: the report is dropped, nothing raises.
+    metrics.report_end(tmp_path, "stopped on request")
+
+
+async def _no_guest() -> bytes:
+    raise TimeoutError("no guest")

@@ -141,6 +141,8 @@ class SandboxServer:
         finally:
             listener.close()
             metrics.close()
+            if self._ending is not None:  # the VM ran and ended: vc metrics serve keeps that
+                self.metrics.report_end(self.store.root, self._ending)
             self.metrics.close()
             metrics_path.unlink(missing_ok=True)
             await self.relay.close()

@@ -12,6 +12,10 @@ servers' series side by side). Three sources:
 - every operation in this process (:mod:`.tracing`'s observers) feeds the operation
   duration histogram, the boot/start/stop histograms and the error counter.
 
+A server's endpoint ends with its VM, so the one figure only known at the end, the stop's
+duration, is also sent to ``vc metrics serve`` when one runs (:meth:`SandboxMetrics.report_end`:
+a datagram on ``<store root>/monitor.sock``), which keeps it per driver.
+
 The socket speaks HTTP/1.1 (h11) so ``curl --unix-socket metrics.sock http://x/metrics``
 works too. It is 0600 and, like ``server.sock``, refuses peers that are neither the owner
 nor root (``SO_PEERCRED``). Names and meanings: ``docs/observability.md``.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -36,11 +41,13 @@ from prometheus_client.registry import Collector
 from virtcontainers.procfs import kib_fields, process_stats
 from virtcontainers.telemetry.tracing import Attributes, observe
 
-__all__ = ["METRICS_SOCKET", "SandboxMetrics", "serve_http"]
+__all__ = ["METRICS_SOCKET", "MONITOR_SOCKET", "SandboxMetrics", "serve_http"]
 
 log = logging.getLogger(__name__)
 
 METRICS_SOCKET = "metrics.sock"
+#: In the store's root: where ``vc metrics serve`` hears of sandboxes that ended.
+MONITOR_SOCKET = "monitor.sock"
 LABELS = ("sandbox_id", "driver")
 #: Every VM state a sandbox can be in (``vc_sandbox_state`` has one series per state).
 STATES = ("created", "running", "paused", "stopped", "failed")
@@ -48,7 +55,7 @@ STATES = ("created", "running", "paused", "stopped", "failed")
 _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                     5, 10, 30)  # fmt: skip
 #: Boots and stops: tens of ms (KVM, clone restore) to a minute (TCG under load).
-_LIFECYCLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60)
+LIFECYCLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60)
 _GUEST_MEMINFO_TIMEOUT = 2.0
 
 # Counters and histograms only: their `_created` series double every series for nothing.
@@ -76,6 +83,7 @@ class SandboxMetrics(Collector):
         self._guest_meminfo = guest_meminfo
         self._meminfo: dict[str, int] = {}
         self._meminfo_errors = 0
+        self._stop_seconds: float | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.agent_requests = Histogram(
@@ -98,7 +106,7 @@ class SandboxMetrics(Collector):
         self.operations = Histogram(
             "vc_operation_duration_seconds",
             "Sandbox and hypervisor operations run by the sandbox server (span names).",
-            [*LABELS, "operation"], buckets=_LIFECYCLE_BUCKETS, registry=reg,
+            [*LABELS, "operation"], buckets=LIFECYCLE_BUCKETS, registry=reg,
         )  # fmt: skip
         self.operation_errors = Counter(
             "vc_operation_errors", "Operations that failed, by error class.",
@@ -108,17 +116,17 @@ class SandboxMetrics(Collector):
             "StartVM": Histogram(
                 "vc_sandbox_boot_duration_seconds",
                 "VMM launch until its control API answered (the StartVM span).",
-                LABELS, buckets=_LIFECYCLE_BUCKETS, registry=reg,
+                LABELS, buckets=LIFECYCLE_BUCKETS, registry=reg,
             ),
             "sandbox.start": Histogram(
                 "vc_sandbox_start_duration_seconds",
                 "Sandbox start until the guest agent answered (network, VMM, boot, agent).",
-                LABELS, buckets=_LIFECYCLE_BUCKETS, registry=reg,
+                LABELS, buckets=LIFECYCLE_BUCKETS, registry=reg,
             ),
             "sandbox.stop": Histogram(
                 "vc_sandbox_stop_duration_seconds",
                 "Sandbox stop: agent shutdown, VMM exit, console drained, network removed.",
-                LABELS, buckets=_LIFECYCLE_BUCKETS, registry=reg,
+                LABELS, buckets=LIFECYCLE_BUCKETS, registry=reg,
             ),
         }  # fmt: skip
         reg.register(self)
@@ -152,6 +160,18 @@ class SandboxMetrics(Collector):
             self.operation_errors.labels(*self._labels, name, error).inc()
         elif (histogram := self._lifecycle.get(name)) is not None:
             histogram.labels(*self._labels).observe(seconds)
+            if name == "sandbox.stop":
+                self._stop_seconds = seconds
+
+    def report_end(self, store_root: Path, reason: str) -> None:
+        """Tell a running ``vc metrics serve`` (if any) that this sandbox ended, how and how
+        long its stop took. Never blocks, never fails: with no monitor nobody is told."""
+        body = {"sandbox_id": self.sandbox_id, "driver": self.driver, "reason": reason,
+                "stop_seconds": self._stop_seconds}  # fmt: skip
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.sendto(json.dumps(body).encode(), str(store_root / MONITOR_SOCKET))
 
     # -- at each scrape ----------------------------------------------------------------------
 

@@ -8,29 +8,35 @@ series already carries ``sandbox_id`` and ``driver``) and adds its own:
 - ``vc_monitor_running_servers``: the servers that answered this scrape;
 - ``vc_monitor_scrapes_total`` / ``vc_monitor_scrape_failures_total``: server scrapes done
   and failed (a socket left by a killed server, a server that did not answer within the
-  timeout) since the monitor started.
+  timeout) since the monitor started;
+- ``vc_monitor_sandboxes_ended_total`` and ``vc_monitor_sandbox_stop_duration_seconds``:
+  what servers report as they end (:class:`EndedSandboxes`), which no scrape of theirs
+  could show.
 
 The HTTP side is ``prometheus_client``'s own server (a thread per request).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
 import prometheus_client
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from virtcontainers.errors import ConfigError
-from virtcontainers.telemetry.metrics import METRICS_SOCKET
+from virtcontainers.telemetry.metrics import LIFECYCLE_BUCKETS, METRICS_SOCKET, MONITOR_SOCKET
 
-__all__ = ["Monitor", "parse_listen", "serve"]
+__all__ = ["EndedSandboxes", "Monitor", "parse_listen", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,9 @@ class Monitor(Collector):
         """The metrics sockets of the sandboxes recorded in the store."""
         return sorted((self.store_root / "sandboxes").glob(f"*/{METRICS_SOCKET}"))
 
-    def scrape(self, socket: Path) -> str:
+    def scrape(self, path: Path) -> str:
         """One server's exposition text. Raises ``httpx.HTTPError`` when it does not answer."""
-        transport = httpx.HTTPTransport(uds=str(socket))
+        transport = httpx.HTTPTransport(uds=str(path))
         with httpx.Client(transport=transport, timeout=self.timeout) as client:
             reply = client.get("http://sandbox/metrics")
             reply.raise_for_status()
@@ -66,13 +72,13 @@ class Monitor(Collector):
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         answered = failed = 0
-        for socket in self.sockets():
+        for path in self.sockets():
             try:
-                text = self.scrape(socket)
+                text = self.scrape(path)
                 parsed = list(text_string_to_metric_families(text))
             except (httpx.HTTPError, ValueError) as exc:
                 failed += 1
-                log.info("scraping %s failed: %s", socket.parent.name, exc)
+                log.info("scraping %s failed: %s", path.parent.name, exc)
                 continue
             answered += 1
             for family in parsed:
@@ -134,10 +140,13 @@ def serve(listen: str, store_root: Path) -> tuple[str, int, threading.Event]:
         raise ConfigError(
             f"cannot listen on {listen}: {exc.strerror or exc}", field="--listen"
         ) from exc
+    ends = EndedSandboxes(store_root, registry)
+    ends.start()
     stop = threading.Event()
 
     def shutdown() -> None:
         stop.wait()
+        ends.close()
         httpd.shutdown()
         httpd.server_close()
         thread.join()
@@ -145,3 +154,66 @@ def serve(listen: str, store_root: Path) -> tuple[str, int, threading.Event]:
     threading.Thread(target=shutdown, name="vc-metrics-shutdown", daemon=True).start()
     bound_host, bound_port = httpd.server_address[:2]
     return str(bound_host), int(bound_port), stop
+
+
+class EndedSandboxes:
+    """Sandboxes that ended while the monitor ran, as their servers reported them on
+    ``<store root>/monitor.sock`` (their own endpoints ended with them)."""
+
+    def __init__(self, store_root: Path, registry: CollectorRegistry) -> None:
+        self.path = store_root / MONITOR_SOCKET
+        self.stops = Histogram(
+            "vc_monitor_sandbox_stop_duration_seconds",
+            "Stops of sandboxes that ended while the monitor ran (agent shutdown to console "
+            "drained), by driver.",
+            ["driver"], buckets=LIFECYCLE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ended = Counter(
+            "vc_monitor_sandboxes_ended",
+            "Sandboxes that ended while the monitor ran, by driver and reason.",
+            ["driver", "reason"], registry=registry,
+        )  # fmt: skip
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._bound = False
+
+    def start(self) -> None:
+        """Listen (in a daemon thread). A socket left by a monitor that died is replaced;
+        one a live monitor holds is left to it (this one then hears of no ends)."""
+        if self.path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.sendto(b"", str(self.path))
+                log.warning("another vc metrics serve receives the ends at %s", self.path)
+                return
+            except OSError:
+                self.path.unlink(missing_ok=True)
+            finally:
+                probe.close()
+        self._sock.bind(str(self.path))
+        self._bound = True
+        os.chmod(self.path, 0o600)
+        threading.Thread(target=self._receive, name="vc-metrics-ends", daemon=True).start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                return  # closed
+            try:
+                end = json.loads(data) if data else {}
+                driver, reason, seconds = (
+                    str(end["driver"]),
+                    str(end["reason"]),
+                    end.get("stop_seconds"),
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # an empty probe from another monitor, or garbage
+            self.ended.labels(driver, reason).inc()
+            if isinstance(seconds, int | float):
+                self.stops.labels(driver).observe(float(seconds))
+
+    def close(self) -> None:
+        self._sock.close()
+        if self._bound:
+            self.path.unlink(missing_ok=True)
