@@ -1,28 +1,31 @@
 """Cold start to guest init: virtcontainers' QEMU driver vs the same QEMU started bare.
 
-Each pair boots the same kernel and initrd with the same QEMU command line twice, in
-alternating order: once bare (the console chardev on stdio, timed until ``vc-init: ready``
-appears on its stdout) and once through ``QemuHypervisor`` (create + start, timed until the
-console watcher logs the same line). The ratio is the driver's own overhead.
-Reported: the median of the per-pair ratios (target <= 1.05) and the CPU time of *this*
-process per create+start+stop (target <= 50 ms; QEMU itself is excluded).
+Each pair boots the same kernel and initrd with the same QEMU command line twice: once bare
+(the console chardev on stdio, timed until ``vc-init: ready`` appears on its stdout) and once
+through ``QemuHypervisor`` (create + start, timed until the console watcher logs the same
+line), in a balanced random order (``bench.stats``). The ratio is the driver's own overhead.
+Reported: the median of the per-pair ratios and the CPU time of *this* process per
+create+start+stop (QEMU itself is excluded).
 
-Usage: .venv/bin/python bench/qemu_boot.py [--pairs 10] [--json]
+Usage: .venv/bin/python -m bench.qemu_boot [--pairs 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import random
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from bench.stats import Figure, from_pairs, run_pairs
 from virtcontainers import host
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.drivers.qemu import QemuHypervisor
@@ -33,23 +36,22 @@ from virtcontainers.hypervisor import NetworkNamespace
 READY = "vc-init: ready"
 
 
-def make_config(image: GuestImage) -> HypervisorConfig:
+def make_config(image: GuestImage, memory: int = 512) -> HypervisorConfig:
     cfg = HypervisorConfig()
     cfg.boot.kernel_path = str(image.kernel)
     cfg.boot.initrd_path = str(image.initrd)
-    cfg.resources.memory_size = 512
+    cfg.resources.memory_size = memory
     cfg.valid()
     return cfg
 
 
-async def bare_boot(cfg: HypervisorConfig, qemu: str, n: int) -> float:
-    """The driver's own QEMU command line, started bare: the console goes to stdio instead
-    of our watcher's socket, nothing else changes (QMP and agent sockets stay, unused)."""
-    run_dir = Path(tempfile.mkdtemp(prefix="vc-bench-bare-"))
+def bare_argv(cfg: HypervisorConfig, qemu: str, name: str, run_dir: Path) -> list[str]:
+    """The driver's own QEMU command line with the console on stdio instead of our watcher's
+    socket; nothing else changes (its QMP and agent sockets stay in ``run_dir``)."""
     argv = build_argv(
         cfg,
         binary=qemu,
-        sandbox_id=f"bare{n}",
+        sandbox_id=name,
         uuid=str(uuid.uuid4()),
         paths=QemuPaths(run_dir),
         accel=host.accelerator(),
@@ -57,20 +59,57 @@ async def bare_boot(cfg: HypervisorConfig, qemu: str, n: int) -> float:
     )
     i = argv.index(f"socket,id=console,path={run_dir / 'console.sock'},server=on,wait=on")
     argv[i] = "stdio,id=console"
-    start = time.perf_counter()
+    return argv
+
+
+class BareQemu:
+    """A QEMU started bare from :func:`bare_argv`, its console read from stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, run_dir: Path) -> None:
+        self.proc = proc
+        self.run_dir = run_dir
+        self.console = bytearray()
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    async def wait_for(self, text: str, timeout: float = 120.0) -> None:
+        """Read the console until ``text`` appears. Raises RuntimeError if QEMU exits first."""
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            while text.encode() not in self.console:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"bare QEMU exited before {text!r}: {self.console[-500:]!r}")
+                self.console += line
+
+
+@contextlib.asynccontextmanager
+async def bare_qemu(
+    cfg: HypervisorConfig, qemu: str, name: str, extra: Sequence[str] = ()
+) -> AsyncIterator[BareQemu]:
+    """Launch the bare QEMU (plus ``extra`` arguments); kill it and remove its run dir after."""
+    run_dir = Path(tempfile.mkdtemp(prefix="vc-bench-bare-"))
+    argv = [*bare_argv(cfg, qemu, name, run_dir), *extra]
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
     )
-    assert proc.stdout is not None
     try:
-        while line := await proc.stdout.readline():
-            if READY.encode() in line:
-                return time.perf_counter() - start
-        raise RuntimeError("bare QEMU exited before the guest reached init")
+        yield BareQemu(proc, run_dir)
     finally:
-        proc.kill()
+        if proc.returncode is None:
+            proc.kill()
         await proc.wait()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def bare_boot(cfg: HypervisorConfig, qemu: str, n: int) -> float:
+    """Seconds from launching the bare QEMU to the guest's ``vc-init: ready``."""
+    start = time.perf_counter()
+    async with bare_qemu(cfg, qemu, f"bare{n}") as vm:
+        await vm.wait_for(READY)
+        return time.perf_counter() - start
 
 
 class _ReadyHandler(logging.Handler):
@@ -107,43 +146,40 @@ async def driver_boot(cfg: HypervisorConfig, n: int) -> tuple[float, float]:
     return elapsed, cpu_start + cpu_stop
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+async def measure(cfg: HypervisorConfig, qemu: str, pairs: int, rng: random.Random) -> Figure:
+    """The driver's cold start to guest init against the same QEMU command bare."""
+    await driver_boot(cfg, -1)  # warm caches (page cache, imports)
+    count = iter(range(10**6))
 
-    image = build_image("cloud")
-    cfg = make_config(image)
+    async def ours() -> float:
+        return (await driver_boot(cfg, next(count)))[0] * 1000
+
+    async def bare() -> float:
+        return await bare_boot(cfg, qemu, next(count)) * 1000
+
+    got, base, orders = await run_pairs(pairs, rng, ours, bare)
+    return from_pairs(
+        "driver_start_to_init",
+        "driver create+start to guest init",
+        "ms",
+        got,
+        base,
+        orders,
+        "same QEMU command bare, to init",
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    cfg = make_config(build_image("cloud"))
     qemu = str(host.find_binary(["qemu-system-x86_64"]))
     host.accelerator()  # probe once, outside the measurements
-    await driver_boot(cfg, -1)  # warm caches (page cache, imports)
-
-    bare, ours, cpu, ratios = [], [], [], []
-    for i in range(args.pairs):
-        if i % 2:
-            b = await bare_boot(cfg, qemu, i)
-            o, c = await driver_boot(cfg, i)
-        else:
-            o, c = await driver_boot(cfg, i)
-            b = await bare_boot(cfg, qemu, i)
-        bare.append(b)
-        ours.append(o)
-        cpu.append(c)
-        ratios.append(o / b)
-        if not args.json:
-            print(f"pair {i + 1:2d}: bare {b * 1000:7.1f} ms  driver {o * 1000:7.1f} ms  "
-                  f"ratio {o / b:5.3f}  our CPU {c * 1000:5.1f} ms")  # fmt: skip
-    summary = {
-        "pairs": args.pairs,
-        "accelerator": host.accelerator(),
-        "bare_median_ms": round(statistics.median(bare) * 1000, 1),
-        "driver_median_ms": round(statistics.median(ours) * 1000, 1),
-        "median_ratio": round(statistics.median(ratios), 3),
-        "cpu_ms_per_create_start_stop_median": round(statistics.median(cpu) * 1000, 1),
-        "targets": {"median_ratio": 1.05, "cpu_ms": 50},
-    }
-    print(json.dumps(summary, indent=2))
+    figure = await measure(cfg, qemu, args.pairs, random.Random(args.seed))
+    print(figure.line())
+    print(json.dumps(figure.to_dict(), indent=2))
 
 
 if __name__ == "__main__":
