@@ -23,9 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 from xml.sax.saxutils import escape
-
-import libvirt  # type: ignore[import-not-found]
 
 READY = b"vc-init: ready"
 # libvirtd's dirs as root; each becomes a private directory of this run.
@@ -39,6 +38,7 @@ DIRS = {
 # libvirt resolves its default QEMU user before reading qemu.conf: it must exist (Debian's
 # libvirt-daemon-system would create it); here only in this namespace's /etc/passwd.
 USER = ("libvirt-qemu:x:64055:64055::/nonexistent:/usr/sbin/nologin\n", "libvirt-qemu:x:64055:\n")
+VIR_DOMAIN_RUNNING = 1
 QEMU_CONF = """user = "root"
 group = "root"
 dynamic_ownership = 0
@@ -136,7 +136,7 @@ def wait_ready(path: str, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
-def one_round(conn: libvirt.virConnect, args: argparse.Namespace, n: int) -> dict[str, float]:
+def one_round(conn: Any, args: argparse.Namespace, n: int) -> dict[str, float]:
     out: dict[str, float] = {}
     serial, agent, state = (f"{args.root}/run/{n}.{x}" for x in ("serial", "agent", "state"))
 
@@ -157,7 +157,7 @@ def one_round(conn: libvirt.virConnect, args: argparse.Namespace, n: int) -> dic
         timed("save_ms", dom.save, state)
         timed("restore_ms", conn.restore, state)
         dom = conn.lookupByName(f"vc-bench-{n}")
-        if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+        if dom.state()[0] != VIR_DOMAIN_RUNNING:
             raise RuntimeError(f"restored domain is in state {dom.state()}")
         timed("stop_ms", dom.destroy)
     finally:
@@ -171,6 +171,9 @@ def one_round(conn: libvirt.virConnect, args: argparse.Namespace, n: int) -> dic
 
 
 def main() -> int:
+    # Here, not at the top: the venv side imports this module for DIRS and has no libvirt.
+    import libvirt  # type: ignore[import-not-found]
+
     parser = argparse.ArgumentParser()
     for name in ("--root", "--kernel", "--initrd", "--cmdline", "--qemu"):
         parser.add_argument(name, required=True)

@@ -1,67 +1,50 @@
-"""Sandbox latency: boot to first exec, exec round trip, stop with complete logs.
+"""Sandbox latency: start to first exec, stop with complete logs, our CPU per lifecycle, exec
+round trip, pause/resume, each against its floor measured in the same run.
 
-Measured in one run on the same kernel and initrd:
+* **lifecycle** pairs (balanced random order, ``bench.stats``): ours is ``Sandbox.create`` +
+  ``start`` + ``exec(["true"])``, then ``stop`` (agent shutdown, guest power-off, VMM exit,
+  console drained: checked to end with the kernel's power-down line) and ``remove``; the
+  floor (``bench.floor.lifecycle``) is the same QEMU command bare, to guest init, then QMP
+  ``quit``. Three figures: start to first exec vs bare boot to init; stop vs ``quit``; CPU
+  of this process per lifecycle vs the floor's.
+* **exec round trip** of ``true`` vs the agent's ``ping`` (the same channel, no process in
+  the guest), in batches of 10 in a balanced random order, on one sandbox.
+* **pause / resume** (``Sandbox.pause``/``resume``: QMP plus the state record) vs QMP
+  ``stop``/``cont`` sent by ``qemu.qmp`` to a bare QEMU running at the same time.
 
-* **start to first exec** — ``Sandbox.create`` + ``start`` + ``exec(["true"])``, against the
-  baseline of the same QEMU command started bare until the guest prints ``vc-init: ready``
-  (``qemu_boot.bare_boot``); pairs in alternating order, median ratio (target <= 1.10).
-* **agent start** — host arrival of the agent's "ready" console line after init's (the
-  agent must be ready within ~150 ms of init under TCG).
-* **exec round trip** of ``true`` through the agent, median of N (target <= 30 ms under TCG).
-* **stop** — ``Sandbox.stop()``: agent shutdown, guest power-off, VMM exit, console drained;
-  checked to end with the kernel's power-down line (target <= 150 ms).
-
-Usage: .venv/bin/python bench/sandbox.py [--pairs 10] [--execs 200]
+Usage: .venv/bin/python -m bench.sandbox [--pairs 6] [--execs 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
-import os
+import random
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from qemu_boot import bare_boot, make_config  # type: ignore[import-not-found]
+from bench import floor
+from bench.qemu_boot import READY, bare_qemu, make_config
+from bench.stats import Figure, from_pairs, run_pairs
 from virtcontainers import Sandbox, host
+from virtcontainers.config import HypervisorConfig
 from virtcontainers.guest.image import build_image
 from virtcontainers.persist.store import StateStore
 
 
-class _Marks(logging.Handler):
-    """Host arrival time of the guest's init-ready and agent-ready console lines."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, float] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        for mark in ("vc-init: ready", "vc-agent: ready"):
-            if mark in record.getMessage():
-                self.seen.setdefault(mark, time.perf_counter())
-
-
-MARKS = _Marks()
-_console_log = logging.getLogger("virtcontainers.console")
-_console_log.setLevel(logging.DEBUG)
-_console_log.addHandler(MARKS)
-_console_log.propagate = False
-
-
-async def boot_to_exec(store: StateStore, cfg: object) -> tuple[float, Sandbox]:
-    MARKS.seen.clear()
+async def boot_to_exec(store: StateStore, cfg: HypervisorConfig) -> tuple[float, Sandbox]:
+    """Seconds from ``Sandbox.create`` to the first ``exec(["true"])`` answered."""
     start = time.perf_counter()
-    sandbox = await Sandbox.create(cfg, store=store)  # type: ignore[arg-type]
+    sandbox = await Sandbox.create(cfg, store=store)
     try:
         await sandbox.start()
         result = await sandbox.exec(["true"])
         elapsed = time.perf_counter() - start
-        assert result.exit_code == 0
+        if result.exit_code != 0:
+            raise RuntimeError(f"exec true: {result}")
     except BaseException:
         await sandbox.remove()  # never leave a VM running behind a failed measurement
         raise
@@ -69,75 +52,172 @@ async def boot_to_exec(store: StateStore, cfg: object) -> tuple[float, Sandbox]:
 
 
 async def timed_stop(sandbox: Sandbox) -> float:
+    """Seconds of ``stop()``, checked to have the whole console log; then removes it."""
     start = time.perf_counter()
     await sandbox.stop()
     elapsed = time.perf_counter() - start
     log = sandbox.logs().decode(errors="replace").rstrip().splitlines()
-    assert "reboot: Power down" in log[-1], log[-3:]
     await sandbox.remove()
+    if not log or "reboot: Power down" not in log[-1]:
+        raise RuntimeError(f"the console log is incomplete after stop: {log[-3:]}")
     return elapsed
+
+
+async def lifecycle(store: StateStore, cfg: HypervisorConfig) -> dict[str, float]:
+    cpu0 = time.process_time()
+    start, sandbox = await boot_to_exec(store, cfg)
+    stop = await timed_stop(sandbox)
+    return {
+        "start_ms": start * 1000,
+        "stop_ms": stop * 1000,
+        "cpu_ms": (time.process_time() - cpu0) * 1000,
+    }
+
+
+async def measure_lifecycle(
+    cfg: HypervisorConfig, qemu: str, store: StateStore, pairs: int, rng: random.Random
+) -> list[Figure]:
+    await lifecycle(store, cfg)  # warm: page cache, imports
+    count = iter(range(10**6))
+
+    async def bare() -> dict[str, float]:
+        return await floor.lifecycle(cfg, qemu, next(count))
+
+    ours, base, orders = await run_pairs(pairs, rng, lambda: lifecycle(store, cfg), bare)
+
+    def pick(key: str, rows: list[dict[str, float]]) -> list[float]:
+        return [r[key] for r in rows]
+
+    return [
+        from_pairs(
+            "start_to_first_exec",
+            "cold start to first exec",
+            "ms",
+            pick("start_ms", ours),
+            pick("boot_ms", base),
+            orders,
+            "same QEMU command bare, to guest init",
+        ),
+        from_pairs(
+            "stop",
+            "stop with complete logs",
+            "ms",
+            pick("stop_ms", ours),
+            pick("stop_ms", base),
+            orders,
+            "QMP quit to QEMU exit (qemu.qmp)",
+        ),
+        from_pairs(
+            "cpu_per_lifecycle",
+            "our process's CPU per lifecycle",
+            "ms",
+            pick("cpu_ms", ours),
+            pick("cpu_ms", base),
+            orders,
+            "CPU of a qemu.qmp script: launch, read console, quit",
+            note="create+start+exec+stop+remove; QEMU's own CPU excluded",
+        ),
+    ]
+
+
+async def measure_exec(
+    store: StateStore, cfg: HypervisorConfig, execs: int, rng: random.Random
+) -> Figure:
+    _, sandbox = await boot_to_exec(store, cfg)
+    try:
+        agent = await sandbox._connect_agent()  # the sandbox's own channel, for ping
+
+        async def batch(call: object) -> float:
+            times = []
+            for _ in range(10):
+                t = time.perf_counter()
+                await call()  # type: ignore[operator]
+                times.append(time.perf_counter() - t)
+            return statistics.median(times) * 1000
+
+        ours, base, orders = await run_pairs(
+            max(2, execs // 10),
+            rng,
+            lambda: batch(lambda: sandbox.exec(["true"])),
+            lambda: batch(agent.ping),
+        )
+    finally:
+        await sandbox.remove()
+    return from_pairs(
+        "exec_rtt",
+        "exec round trip (true)",
+        "ms",
+        ours,
+        base,
+        orders,
+        "agent ping on the same channel",
+        note="each sample: the median of a batch of 10",
+    )
+
+
+async def measure_pause(
+    store: StateStore, cfg: HypervisorConfig, qemu: str, rounds: int, rng: random.Random
+) -> list[Figure]:
+    _, sandbox = await boot_to_exec(store, cfg)
+    try:
+        async with bare_qemu(cfg, qemu, "floor-pause") as vm:
+            await vm.wait_for(READY)
+            async with floor.qmp_of(vm) as qmp:
+
+                async def ours() -> tuple[float, float]:
+                    t = time.perf_counter()
+                    await sandbox.pause()
+                    t1 = time.perf_counter()
+                    await sandbox.resume()
+                    return (t1 - t) * 1000, (time.perf_counter() - t1) * 1000
+
+                async def bare() -> tuple[float, float]:
+                    t = time.perf_counter()
+                    await qmp.execute("stop")
+                    t1 = time.perf_counter()
+                    await qmp.execute("cont")
+                    return (t1 - t) * 1000, (time.perf_counter() - t1) * 1000
+
+                got, base, orders = await run_pairs(rounds, rng, ours, bare)
+                await floor.quit_and_wait(vm, qmp)
+        if (await sandbox.exec(["true"])).exit_code != 0:
+            raise RuntimeError("the sandbox does not run after pause/resume")
+    finally:
+        await sandbox.remove()
+    return [
+        from_pairs(
+            f"{name}",
+            f"{name} (Sandbox.{name})",
+            "ms",
+            [g[i] for g in got],
+            [b[i] for b in base],
+            orders,
+            f"QMP {qmp_cmd} (qemu.qmp), bare QEMU",
+        )
+        for i, (name, qmp_cmd) in enumerate((("pause", "stop"), ("resume", "cont")))
+    ]
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--execs", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-
-    image = build_image("cloud")
-    cfg = make_config(image)
+    cfg = make_config(build_image("cloud"))
     qemu = str(host.find_binary(["qemu-system-x86_64"]))
     host.accelerator()
+    rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="vc-bench-"))
     try:
-        await measure(args, cfg, qemu, StateStore(root))
+        store = StateStore(root)
+        figures = await measure_lifecycle(cfg, qemu, store, args.pairs, rng)
+        figures.append(await measure_exec(store, cfg, args.execs, rng))
+        figures += await measure_pause(store, cfg, qemu, 20, rng)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-async def measure(args: argparse.Namespace, cfg: object, qemu: str, store: StateStore) -> None:
-
-    _, warm = await boot_to_exec(store, cfg)
-    await timed_stop(warm)
-
-    ratios, ours, bare, stops, agent_after_init = [], [], [], [], []
-    for i in range(args.pairs):
-        if i % 2:
-            b = await bare_boot(cfg, qemu, i)
-            o, sandbox = await boot_to_exec(store, cfg)
-        else:
-            o, sandbox = await boot_to_exec(store, cfg)
-            b = await bare_boot(cfg, qemu, i)
-        agent_after_init.append(MARKS.seen["vc-agent: ready"] - MARKS.seen["vc-init: ready"])
-        stops.append(await timed_stop(sandbox))
-        ours.append(o)
-        bare.append(b)
-        ratios.append(o / b)
-        print(f"pair {i + 1:2d}: bare boot {b * 1000:7.1f} ms  start->exec {o * 1000:7.1f} ms  "
-              f"ratio {o / b:5.3f}  stop {stops[-1] * 1000:6.1f} ms")  # fmt: skip
-
-    _, sandbox = await boot_to_exec(store, cfg)
-    rtts = []
-    for _ in range(args.execs):
-        t = time.perf_counter()
-        await sandbox.exec(["true"])
-        rtts.append(time.perf_counter() - t)
-    await timed_stop(sandbox)
-
-    summary = {
-        "accelerator": host.accelerator(),
-        "pairs": args.pairs,
-        "bare_boot_to_init_median_ms": round(statistics.median(bare) * 1000, 1),
-        "start_to_first_exec_median_ms": round(statistics.median(ours) * 1000, 1),
-        "start_to_first_exec_ratio_median": round(statistics.median(ratios), 3),
-        "agent_ready_after_init_median_ms": round(statistics.median(agent_after_init) * 1000, 1),
-        "exec_true_rtt_median_ms": round(statistics.median(rtts) * 1000, 2),
-        "exec_true_rtt_p90_ms": round(statistics.quantiles(rtts, n=10)[-1] * 1000, 2),
-        "stop_median_ms": round(statistics.median(stops) * 1000, 1),
-        "targets": {"ratio": 1.10, "exec_rtt_ms": 30, "stop_ms": 150},
-        "cpus": os.cpu_count(),
-    }
-    print(json.dumps(summary, indent=2))
+    for figure in figures:
+        print(figure.line())
 
 
 if __name__ == "__main__":
