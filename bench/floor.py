@@ -24,16 +24,21 @@ from qemu.qmp import QMPClient
 from bench.qemu_boot import READY, BareQemu, bare_qemu, make_config
 from virtcontainers import host
 from virtcontainers.config import HypervisorConfig
+from virtcontainers.deadline import Deadline, poll_until
+from virtcontainers.drivers.qemu.qmp import as_dict
 from virtcontainers.guest.image import build_image
 
 
 @contextlib.asynccontextmanager
 async def qmp_of(vm: BareQemu) -> AsyncIterator[QMPClient]:
+    async def bound() -> bool | None:  # QEMU binds it before the guest runs
+        return True if vm.qmp_path.exists() else None
+
+    await poll_until(
+        Deadline.after(30), bound, on_timeout=lambda: RuntimeError("no QMP socket in 30 s")
+    )
     client = QMPClient("bench-floor")
-    async with asyncio.timeout(30):
-        while not vm.qmp_path.exists():  # QEMU binds it before the guest runs
-            await asyncio.sleep(0.005)
-        await client.connect(str(vm.qmp_path))
+    await client.connect(str(vm.qmp_path))
     try:
         yield client
     finally:
@@ -68,14 +73,18 @@ async def lifecycle(cfg: HypervisorConfig, qemu: str, n: int) -> dict[str, float
 
 
 async def _migration_done(qmp: QMPClient) -> None:
-    async with asyncio.timeout(120):
-        while True:
-            status = (await qmp.execute("query-migrate")).get("status")
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled"):
-                raise RuntimeError(f"migration {status}")
-            await asyncio.sleep(0.005)
+    async def completed() -> bool | None:
+        status = as_dict(await qmp.execute("query-migrate")).get("status")
+        if status in ("failed", "cancelled"):
+            raise RuntimeError(f"migration {status}")
+        return True if status == "completed" else None
+
+    await poll_until(
+        Deadline.after(120),
+        completed,
+        on_timeout=lambda: RuntimeError("migration not done in 120 s"),
+        interval=0.005,
+    )
 
 
 async def _give_fd(qmp: QMPClient, fd: int, name: str) -> None:
@@ -113,17 +122,17 @@ async def operations(cfg: HypervisorConfig, qemu: str) -> dict[str, float]:
                 out["save_ms"] = (time.perf_counter() - t) * 1000
                 await quit_and_wait(vm, qmp)
         t = time.perf_counter()
-        async with bare_qemu(cfg, qemu, "floor-restore", ["-incoming", "defer"]) as vm:
-            async with qmp_of(vm) as qmp:
-                await _give_fd(qmp, os.open(state, os.O_RDONLY | os.O_CLOEXEC), "migin")
-                await qmp.execute("migrate-incoming", {"uri": "fd:migin"})
-                await _migration_done(qmp)
-                await qmp.execute("cont")
-                out["restore_ms"] = (time.perf_counter() - t) * 1000
-                status = (await qmp.execute("query-status"))["status"]
-                if status != "running":
-                    raise RuntimeError(f"restored QEMU is {status}")
-                out["stop_ms"] = await quit_and_wait(vm, qmp) * 1000
+        restoring = bare_qemu(cfg, qemu, "floor-restore", ["-incoming", "defer"])
+        async with restoring as vm, qmp_of(vm) as qmp:
+            await _give_fd(qmp, os.open(state, os.O_RDONLY | os.O_CLOEXEC), "migin")
+            await qmp.execute("migrate-incoming", {"uri": "fd:migin"})
+            await _migration_done(qmp)
+            await qmp.execute("cont")
+            out["restore_ms"] = (time.perf_counter() - t) * 1000
+            status = as_dict(await qmp.execute("query-status"))["status"]
+            if status != "running":
+                raise RuntimeError(f"restored QEMU is {status}")
+            out["stop_ms"] = await quit_and_wait(vm, qmp) * 1000
     return out
 
 

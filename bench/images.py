@@ -3,8 +3,8 @@
 Measured in one run, on this machine, against a baseline from the same run:
 
 * ``vc run --image <busybox test image> -- true`` vs ``vc run -- true`` (the busybox-only
-  guest), end to end through the CLI, in alternating order; reported: the median of the
-  per-pair ratios (target <= 1.15) and both medians;
+  guest), end to end through the CLI, in a balanced random order (``bench.stats``);
+  reported: the median of the per-pair ratios (target <= 1.15) and both medians;
 * the first pull of each test image (copy, verify, unpack, root-disk build) vs the lookup a
   second ``vc run --image`` does (a cache hit: no build) and a second ``pull`` of the same
   reference (copy + verify again, the stored disk is reused);
@@ -14,15 +14,15 @@ Measured in one run, on this machine, against a baseline from the same run:
 The images are the test images of :mod:`virtcontainers.testing.oci_images` (built once and
 cached); the image store and the sandbox store are private to this run and removed after.
 
-Usage: .venv/bin/python bench/images.py [--pairs 5] [--execs 5] [--json]
+Usage: .venv/bin/python -m bench.images [--pairs 5] [--execs 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.stats import Figure, from_pairs, run_pairs, single
 from virtcontainers import Sandbox
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.guest.image import build_image
@@ -95,51 +96,75 @@ async def python_start(store: ImageStore, execs: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--execs", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-
+async def measure(pairs: int, execs: int, rng: random.Random) -> list[Figure]:
+    """The image figures, in a private image store and sandbox store removed after."""
     work = Path(tempfile.mkdtemp(prefix="vc-bench-img-"))
     store = ImageStore(work / "oci")
     env = {**os.environ, "VC_IMAGE_STORE": str(store.root), "VC_RUN_ROOT": str(work / "run")}
-    os.environ.update({"VC_RUN_ROOT": env["VC_RUN_ROOT"]})
+    saved_root = os.environ.get("VC_RUN_ROOT")
+    os.environ["VC_RUN_ROOT"] = env["VC_RUN_ROOT"]
     try:
-        build_image("cloud")
-        report: dict[str, object] = pulls(store)
+        pulled = pulls(store)
         busybox = f"oci:{busybox_layout()}"
-        timed_run(["--", "true"], env)  # warm the page cache for both paths
-        timed_run(["--image", busybox, "--", "true"], env)
-        plain, image, ratios = [], [], []
-        for i in range(args.pairs):
-            order = ("plain", "image") if i % 2 == 0 else ("image", "plain")
-            got: dict[str, float] = {}
-            for kind in order:
-                argv = ["--", "true"] if kind == "plain" else ["--image", busybox, "--", "true"]
-                got[kind] = timed_run(argv, env)
-            plain.append(got["plain"])
-            image.append(got["image"])
-            ratios.append(got["image"] / got["plain"])
-        report.update(
-            {
-                "pairs": args.pairs,
-                "vc_run_true_median_s": round(statistics.median(plain), 3),
-                "vc_run_image_true_median_s": round(statistics.median(image), 3),
-                "image_vs_plain_ratio_median": round(statistics.median(ratios), 3),
-                "ratio_target": 1.15,
-            }
+        plain_argv, image_argv = ["--", "true"], ["--image", busybox, "--", "true"]
+        timed_run(plain_argv, env)  # warm the page cache for both paths
+        timed_run(image_argv, env)
+        image, plain, orders = await run_pairs(
+            pairs,
+            rng,
+            lambda: asyncio.to_thread(timed_run, image_argv, env),
+            lambda: asyncio.to_thread(timed_run, plain_argv, env),
         )
-        report.update(asyncio.run(python_start(store, args.execs)))
+        python = await python_start(store, execs)
     finally:
+        if saved_root is None:
+            os.environ.pop("VC_RUN_ROOT", None)
+        else:
+            os.environ["VC_RUN_ROOT"] = saved_root
         shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            print(f"{key:32} {value}")
+    return [
+        from_pairs(
+            "image_run",
+            "vc run --image busybox -- true",
+            "ms",
+            [t * 1000 for t in image],
+            [t * 1000 for t in plain],
+            orders,
+            "vc run -- true (no image)",
+        ),
+        single(
+            "image_second_pull",
+            "second pull of the Debian image (disk reused)",
+            "s",
+            pulled["debian_python_second_pull_s"],
+            pulled["debian_python_first_pull_s"],
+            "first pull (copy, verify, unpack, root disk)",
+            note=f"cached lookup {pulled['debian_python_cached_lookup_ms']} ms; "
+            f"disk {pulled['debian_python_disk_mb']} MB; busybox first pull "
+            f"{pulled['busybox_first_pull_s']} s",
+        ),
+        single(
+            "python_exec",
+            "exec python3 -c pass in a Debian image",
+            "ms",
+            python["exec_python_median_ms"],
+            python["exec_true_median_ms"],
+            "exec true in the same sandbox",
+            n=execs,
+        ),
+    ]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--execs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    build_image("cloud")
+    for figure in await measure(args.pairs, args.execs, random.Random(args.seed)):
+        print(figure.line())
 
 
 if __name__ == "__main__":
-    main()
+    asyncio.run(main())

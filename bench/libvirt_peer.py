@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -140,9 +141,9 @@ def one_round(conn: Any, args: argparse.Namespace, n: int) -> dict[str, float]:
     out: dict[str, float] = {}
     serial, agent, state = (f"{args.root}/run/{n}.{x}" for x in ("serial", "agent", "state"))
 
-    def timed(name: str, fn: object, *a: object) -> object:
+    def timed(name: str, fn: Callable[..., Any], *a: object) -> Any:
         t = time.perf_counter()
-        result = fn(*a)  # type: ignore[operator]
+        result = fn(*a)
         out[name] = (time.perf_counter() - t) * 1000
         return result
 
@@ -200,7 +201,9 @@ def main() -> int:
     print(
         json.dumps(
             {
-                "version": ".".join(str(libvirt.getVersion() // d % 1000) for d in (10**6, 1000, 1)),
+                "version": ".".join(
+                    str(libvirt.getVersion() // d % 1000) for d in (10**6, 1000, 1)
+                ),
                 "daemon_start_ms": started,
                 "medians": medians,
                 "rounds": rounds,

@@ -7,11 +7,11 @@ starts on the host):
   ``/dev/null``) in ``user`` mode (slirp) and, as root, ``tap`` mode (netns + tap + veth);
   the in-guest time is the exec wall time minus the median exec round trip of ``true``.
   Reported as MiB/s (median of ``--downloads``).
-* **start to first exec** with ``--network user`` vs ``none``, pairs in alternating order,
-  median ratio (target <= 1.05), and the **exec round trip** of ``true`` in both (two
-  sandboxes up at once, batches of 10 interleaved in alternating order).
+* **start to first exec** with ``--network user`` vs ``none``, pairs in a balanced random
+  order (``bench.stats``), median ratio (target <= 1.05), and the **exec round trip** of
+  ``true`` in both (two sandboxes up at once, batches of 10 interleaved the same way).
 
-Usage: .venv/bin/python bench/network.py [--pairs 6] [--downloads 5] [--execs 100]
+Usage: .venv/bin/python -m bench.network [--pairs 6] [--downloads 5] [--execs 100]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import argparse
 import asyncio
 import contextlib
 import http.server
-import json
 import os
+import random
 import shutil
 import statistics
 import tempfile
@@ -30,7 +30,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from qemu_boot import make_config  # type: ignore[import-not-found]
+from bench.qemu_boot import make_config
+from bench.stats import Figure, from_pairs, run_pairs, single
 from virtcontainers import Sandbox, host
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.guest.image import build_image
@@ -100,72 +101,90 @@ async def download(sandbox: Sandbox, url: str, n: int, rtt: float) -> float:
     return statistics.median(rates)
 
 
-async def measure(args: argparse.Namespace, cfg: HypervisorConfig, store: StateStore) -> None:
+async def measure(
+    cfg: HypervisorConfig, store: StateStore, pairs: int, downloads: int, execs: int,
+    rng: random.Random,
+) -> list[Figure]:  # fmt: skip
     none, user = NetworkSpec(), NetworkSpec.build("user")
     _, warm = await start_to_exec(store, cfg, user)
     await warm.remove()
 
-    starts: dict[str, list[float]] = {"none": [], "user": []}
-    ratios = []
-    for i in range(args.pairs):
-        order = [("none", none), ("user", user)] if i % 2 == 0 else [("user", user), ("none", none)]
-        got: dict[str, float] = {}
-        for name, spec in order:
-            elapsed, sandbox = await start_to_exec(store, cfg, spec)
-            await sandbox.remove()
-            got[name] = elapsed
-            starts[name].append(elapsed)
-        ratios.append(got["user"] / got["none"])
-        print(f"pair {i + 1:2d}: none {got['none'] * 1000:7.1f} ms  user "
-              f"{got['user'] * 1000:7.1f} ms  ratio {ratios[-1]:5.3f}")  # fmt: skip
+    async def timed(spec: NetworkSpec) -> float:
+        elapsed, sandbox = await start_to_exec(store, cfg, spec)
+        await sandbox.remove()
+        return elapsed * 1000
+
+    started_user, started_none, orders = await run_pairs(
+        pairs, rng, lambda: timed(user), lambda: timed(none)
+    )
+    figures = [
+        from_pairs(
+            "network_user_start",
+            "start to first exec, --network user",
+            "ms",
+            started_user,
+            started_none,
+            orders,
+            "--network none",
+        )
+    ]
 
     # Exec round trip: both sandboxes up at once, batches interleaved, so load drift hits both.
     _, sb_none = await start_to_exec(store, cfg, none)
     _, sb_user = await start_to_exec(store, cfg, user)
-    rtt: dict[str, float] = {}
-    rates: dict[str, float] = {}
     try:
-        samples: dict[str, list[float]] = {"none": [], "user": []}
-        for i in range(max(1, args.execs // 10)):
-            pair = [("none", sb_none), ("user", sb_user)]
-            for name, sandbox in pair if i % 2 == 0 else pair[::-1]:
-                samples[name].append(await exec_rtt(sandbox, 10))
-        rtt = {name: statistics.median(v) for name, v in samples.items()}
+        rtt_user, rtt_none, orders = await run_pairs(
+            max(2, execs // 10),
+            rng,
+            lambda: exec_rtt(sb_user, 10),
+            lambda: exec_rtt(sb_none, 10),
+        )
+        figures.append(
+            from_pairs(
+                "network_user_exec_rtt",
+                "exec round trip, --network user",
+                "ms",
+                [t * 1000 for t in rtt_user],
+                [t * 1000 for t in rtt_none],
+                orders,
+                "--network none",
+            )
+        )
         with http_server("127.0.0.1") as port:
-            rates["user"] = await download(
-                sb_user, f"http://10.0.2.2:{port}/", args.downloads, rtt["user"]
+            user_rate = await download(
+                sb_user, f"http://10.0.2.2:{port}/", downloads, statistics.median(rtt_user)
             )
     finally:
         await sb_none.remove()
         await sb_user.remove()
-    if os.geteuid() == 0 and shutil.which("nft"):
-        _, sandbox = await start_to_exec(store, cfg, NetworkSpec.build("tap"))
-        try:
-            att = Attachment.from_dict(sandbox.info().network, sandbox.id, str(sandbox.run_dir))
-            assert att.tap is not None
-            tap_rtt = await exec_rtt(sandbox, args.execs)
-            # The server listens on the host end of this sandbox's veth only.
-            with http_server(att.tap.host_address) as port:
-                rates["tap"] = await download(
-                    sandbox, f"http://{att.tap.host_address}:{port}/", args.downloads, tap_rtt
-                )
-        finally:
-            await sandbox.remove()
-
-    summary = {
-        "accelerator": host.accelerator(),
-        "pairs": args.pairs,
-        "start_to_first_exec_none_median_ms": round(statistics.median(starts["none"]) * 1000, 1),
-        "start_to_first_exec_user_median_ms": round(statistics.median(starts["user"]) * 1000, 1),
-        "start_ratio_user_vs_none_median": round(statistics.median(ratios), 3),
-        "exec_true_rtt_none_median_ms": round(rtt["none"] * 1000, 2),
-        "exec_true_rtt_user_median_ms": round(rtt["user"] * 1000, 2),
-        "exec_rtt_ratio_user_vs_none": round(rtt["user"] / rtt["none"], 3),
-        "download_1mib_mib_per_s": {k: round(v, 2) for k, v in rates.items()},
-        "targets": {"start_ratio": 1.05},
-        "cpus": os.cpu_count(),
-    }
-    print(json.dumps(summary, indent=2))
+    if os.geteuid() != 0 or not shutil.which("nft"):
+        print("network: tap download skipped (needs root and nft)")
+        return figures
+    _, sandbox = await start_to_exec(store, cfg, NetworkSpec.build("tap"))
+    try:
+        att = Attachment.from_dict(sandbox.info().network, sandbox.id, str(sandbox.run_dir))
+        assert att.tap is not None
+        tap_rtt = await exec_rtt(sandbox, 20)
+        # The server listens on the host end of this sandbox's veth only.
+        with http_server(att.tap.host_address) as port:
+            tap_rate = await download(
+                sandbox, f"http://{att.tap.host_address}:{port}/", downloads, tap_rtt
+            )
+    finally:
+        await sandbox.remove()
+    figures.append(
+        single(
+            "network_tap_download",
+            "1 MiB download from the host, --network tap",
+            "MiB/s",
+            tap_rate,
+            user_rate,
+            "--network user (slirp)",
+            n=downloads,
+            lower_is_better=False,
+        )
+    )
+    return figures
 
 
 async def main() -> None:
@@ -173,14 +192,20 @@ async def main() -> None:
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--downloads", type=int, default=5)
     parser.add_argument("--execs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     cfg = make_config(build_image("cloud"))
     host.accelerator()
     root = Path(tempfile.mkdtemp(prefix="vc-bench-net-"))
     try:
-        await measure(args, cfg, StateStore(root))
+        figures = await measure(
+            cfg, StateStore(root), args.pairs, args.downloads, args.execs,
+            random.Random(args.seed),
+        )  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    for figure in figures:
+        print(figure.line())
 
 
 if __name__ == "__main__":

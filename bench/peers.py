@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.libvirt_peer import DIRS
 from virtcontainers.config import HypervisorConfig
@@ -60,7 +61,9 @@ def libvirt_skip_reason() -> str:
     for binary in ("libvirtd", "unshare", "mount"):
         if shutil.which(binary) is None:
             return f"{binary} is not installed (scripts/setup installs libvirt-daemon)"
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import libvirt"], capture_output=True, check=False)
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import libvirt"], capture_output=True, check=False
+    )
     if probe.returncode != 0:
         return f"{SYSTEM_PYTHON} cannot import libvirt (python3-libvirt is not installed)"
     return ""
@@ -88,7 +91,7 @@ def libvirt(cfg: HypervisorConfig, cmdline: str, qemu: str, rounds: int) -> Peer
             d.rmdir()
         shutil.rmtree(root, ignore_errors=True)
     lines = done.stdout.strip().splitlines()
-    report = json.loads(lines[-1]) if lines else {"error": done.stderr[-1000:]}
+    report: dict[str, Any] = json.loads(lines[-1]) if lines else {"error": done.stderr[-1000:]}
     if done.returncode != 0 or "error" in report:
         return Peer("libvirt", ran=False, reason=f"libvirt failed: {report.get('error')}")
     return Peer(

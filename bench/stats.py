@@ -108,9 +108,7 @@ def from_pairs(
     first = [r for r, o in zip(ratios, orders, strict=True) if o == OURS_FIRST]
     second = [r for r, o in zip(ratios, orders, strict=True) if o == BASELINE_FIRST]
     effect = (
-        round(statistics.median(first) / statistics.median(second), 3)
-        if first and second
-        else None
+        round(statistics.median(first) / statistics.median(second), 3) if first and second else None
     )
     return Figure(
         id=id,

@@ -111,7 +111,9 @@ async def measure_memory(
         running: list[Sandbox] = []
         try:
             for _ in range(vms):
-                made = await (boot_to_exec(store, cfg) if kind == "cold" else clone(store, template))
+                made = await (
+                    boot_to_exec(store, cfg) if kind == "cold" else clone(store, template)
+                )
                 running.append(made[1])
             per[kind] = [memory_of(sb.hypervisor.get_pids()[0], mib) for sb in running]
         finally:
