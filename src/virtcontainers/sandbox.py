@@ -374,6 +374,8 @@ class Sandbox:
                 return
             except AgentError:
                 await self._drop_agent()
+                if self._hv is not None and not self._vmm_alive():
+                    await self._hv.check()  # raises HypervisorError with the VMM's exit code
                 if time.monotonic() >= deadline:
                     raise AgentError(
                         f"sandbox {self.id}: the guest agent did not answer within {timeout:g} s"
@@ -718,7 +720,10 @@ class Sandbox:
         """A connection to this sandbox's server when one answers (None: use the VM directly,
         in this process, or as the recovery path after the server died)."""
         if self._remote is not None:
-            return self._remote
+            if self._remote.usable:
+                return self._remote
+            # The server hung up: it exits once its VM has ended. Wait, then look again.
+            await self._server_gone()
         if not self.use_server:
             return None
         from virtcontainers.server.client import ServerClient, socket_path

@@ -579,6 +579,11 @@ class AgentClient:
             self._writer.write(SYNC_PREAMBLE + encode_frame(FrameType.ATTACH, 0, b""))
         self._task = asyncio.create_task(self._read_loop(), name="agent-reader")
 
+    @property
+    def usable(self) -> bool:
+        """False once the connection was closed or broke (a new one is needed)."""
+        return not self._closed and self._broken is None
+
     def _check_usable(self) -> None:
         if self._closed:
             raise AgentError("agent client is closed")

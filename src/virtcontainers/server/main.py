@@ -283,6 +283,9 @@ class SandboxServer:
                 await hv.stop_sandbox()  # drains the console to EOF, removes sockets
             except Exception:
                 log.exception("cleaning up after the VM of %s", self.sandbox.id)
+            # The console is complete now: a panic ends QEMU like a power-off (code 0 after
+            # panic=1 and -no-reboot), only the kernel's last words tell them apart.
+            self._ending = _panic(self.sandbox.logs()) or self._ending
             self._record_exit(self._ending, code)
         if not self.ephemeral:
             self._done.set()
@@ -368,6 +371,15 @@ def _reason(code: int | None) -> str:
     if code < 0:
         return f"the VMM was killed by signal {-code}"
     return f"the VMM exited with code {code}"
+
+
+def _panic(console: bytes) -> str:
+    """``the guest kernel panicked (...)`` when the console's tail has the kernel's panic
+    line, else ""."""
+    for line in reversed(console[-16384:].decode(errors="replace").splitlines()):
+        if (at := line.find("Kernel panic - not syncing")) >= 0:
+            return f"the guest kernel panicked ({line[at:].strip()})"
+    return ""
 
 
 def _report(fd: int | None, body: bytes) -> None:
