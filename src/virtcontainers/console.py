@@ -23,6 +23,8 @@ from virtcontainers.telemetry.tracing import operation
 
 __all__ = ["ConsoleWatcher"]
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 65536
 
 
@@ -37,6 +39,8 @@ class ConsoleWatcher:
         self._writer: asyncio.StreamWriter | None = None
         self._partial = b""
         self.lines = 0
+        #: Bytes of console output lost since the log last could be written (a full disk).
+        self.dropped = 0
 
     async def connect(
         self, deadline: Deadline, *, abort: asyncio.Future[None] | None = None
@@ -68,7 +72,7 @@ class ConsoleWatcher:
     async def _pump(self, reader: asyncio.StreamReader, fd: int) -> None:
         try:
             while chunk := await reader.read(_CHUNK):
-                os.write(fd, chunk)
+                self._append(fd, chunk)
                 self._log_lines(chunk)
         except (ConnectionError, OSError) as exc:
             self._logger.debug("console read ended: %s", exc)
@@ -77,6 +81,25 @@ class ConsoleWatcher:
                 self._emit(self._partial)
                 self._partial = b""
             os.close(fd)
+
+    def _append(self, fd: int, chunk: bytes) -> None:
+        """Append ``chunk`` to the log. A failed write (ENOSPC, EIO) loses that output, never
+        the console: reading on keeps the guest from stalling on a host problem. Warned
+        once when the losses start and once when writing works again."""
+        done = 0
+        try:
+            while done < len(chunk):
+                done += os.write(fd, chunk[done:])
+        except OSError as exc:
+            if not self.dropped:
+                log.warning("console log %s: %s: the guest's console output is dropped "
+                            "until it can be written", self.log_path, exc.strerror)  # fmt: skip
+            self.dropped += len(chunk) - done
+            return
+        if self.dropped:
+            log.warning("console log %s is written again; %d bytes were lost",
+                        self.log_path, self.dropped)  # fmt: skip
+            self.dropped = 0
 
     def _log_lines(self, chunk: bytes) -> None:
         data = self._partial + chunk

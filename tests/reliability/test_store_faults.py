@@ -3,17 +3,14 @@ error is StoreError, and no temp file is left. A real tmpfs, mounted by the test
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.reliability.tmpfs import fill, mount, small_tmpfs
 from virtcontainers import Sandbox
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.errors import StoreError
@@ -22,34 +19,11 @@ from virtcontainers.persist.store import StateStore
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def small_fs() -> Iterator[Path]:
     """A 1 MiB tmpfs of our own."""
-    where = Path(tempfile.mkdtemp(prefix="vc-rel-fs-"))
-    _mount("-t", "tmpfs", "-o", "size=1m,mode=0700", "vc-rel", str(where))
-    try:
+    with small_tmpfs("1m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-        where.rmdir()
-
-
-def _fill(fs: Path) -> None:
-    """Write until the file system is full (ENOSPC)."""
-    fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 4096)
-    finally:
-        os.close(fd)
-    with pytest.raises(OSError, match="No space left") as full:
-        (fs / "filler2").write_bytes(b"\0" * 8192)
-    assert full.value.errno == errno.ENOSPC
 
 
 def _files(store: StateStore, sandbox_id: str) -> list[str]:
@@ -72,7 +46,7 @@ async def test_disk_full_during_a_state_write(small_fs: Path, tmp_path: Path) ->
     sb = await _sandbox(store, tmp_path)
     before, files = store.load("full"), _files(store, "full")
     extra = {"note": "x" * 200_000}  # a bigger document than the space left
-    _fill(small_fs)
+    fill(small_fs)
     with pytest.raises(StoreError) as err:
         store.update("full", lambda d: dataclasses.replace(d, extra=extra))
     assert "No space left on device" in str(err.value)
@@ -85,7 +59,7 @@ async def test_read_only_run_dir_during_a_state_write(small_fs: Path, tmp_path: 
     store = StateStore(small_fs / "root")
     await _sandbox(store, tmp_path)
     before, files = store.load("full"), _files(store, "full")
-    _mount("-o", "remount,ro", str(small_fs))
+    mount("-o", "remount,ro", str(small_fs))
     try:
         with pytest.raises(StoreError) as err:
             store.update("full", lambda d: dataclasses.replace(d, state="running"))
@@ -94,6 +68,6 @@ async def test_read_only_run_dir_during_a_state_write(small_fs: Path, tmp_path: 
         with pytest.raises(StoreError):
             await _sandbox(store, tmp_path, "second")
     finally:
-        _mount("-o", "remount,rw", str(small_fs))
+        mount("-o", "remount,rw", str(small_fs))
     assert store.list() == ["full"]
     assert _files(store, "full") == files  # no temp file left

@@ -68,6 +68,23 @@ def _template_dir(path: str | os.PathLike[str] | None, require_tmpfs: bool) -> P
     return where
 
 
+def _require_space(path: Path, config: HypervisorConfig) -> None:
+    """The memory file is the guest's whole RAM: a tmpfs with less room would fill up while
+    the template boots (QEMU then hangs on the page it cannot get), so refuse up front."""
+    where = path.absolute()
+    while not where.exists():
+        where = where.parent
+    st = os.statvfs(where)
+    free_mib = st.f_bavail * st.f_frsize >> 20
+    need = config.resources.memory_size
+    if free_mib < need:
+        raise ConfigError(
+            f"the template's memory file needs {need} MiB (the guest's RAM) but {where} has "
+            f"{free_mib} MiB free: free space there, or pass another tmpfs directory as path",
+            field="template.memory_path",
+        )
+
+
 def _fs_type(path: Path) -> str:
     """The file system type of the mount holding ``path`` (from /proc/self/mounts)."""
     target = str(path.resolve())
@@ -143,10 +160,12 @@ class Template:
         template and its clones run in (its root disk is attached read-only to each).
 
         Raises:
-            ConfigError: bad config, or ``path`` not on tmpfs. LaunchError /
+            ConfigError: bad config, ``path`` not on tmpfs, or less free space there than
+            the guest's RAM. LaunchError /
             HypervisorTimeout / AgentError: the template VM did not boot or answer.
         """
         owns = path is None
+        _require_space(Path(path) if path is not None else DEFAULT_TEMPLATE_ROOT, config)
         where = _template_dir(path, require_tmpfs)
         cfg = config.copy()
         if image is not None:
