@@ -39,6 +39,7 @@ from virtcontainers.agent.protocol import (
     Frame,
     FrameDecoder,
     FrameType,
+    MountFlag,
     Tag,
     encode_frame,
     tlv,
@@ -406,11 +407,20 @@ class AgentClient:
         tty_size: tuple[int, int] | None = None,
         request_timeout: float | None = None,
         extra_items: Sequence[tuple[int, bytes]] = (),
+        groups: Sequence[int] = (),
+        rlimits: Sequence[tuple[int, int, int]] = (),
+        umask: int | None = None,
     ) -> ExecProcess:
         """Start ``argv`` and return at once with an :class:`ExecProcess`.
 
         ``no_stdin`` starts it with stdin already closed. ``tty_size`` is ``(rows, cols)``.
         ``extra_items``: more TLV items for the request (e.g. the sandbox server's KEEP).
+        Since protocol 1.3: ``groups`` (supplementary groups, with ``gid``), ``rlimits``
+        (``(resource number, soft, hard)``, set in the guest before setuid), ``umask``.
+
+        Raises:
+            ConfigError: input the wire cannot carry (names the argument).
+            AgentRequestError: the agent refused (EXEC: the failing step and errno).
         """
         if not argv:
             raise ConfigError("argv must not be empty: name the program to run", field="argv")
@@ -441,6 +451,20 @@ class AgentClient:
             items.append(_uint(Tag.TIMEOUT_MS, "timeout", max(1, round(timeout * 1000)), 4))
         if no_stdin:
             items.append(tlv(Tag.NO_STDIN, 1, 1))
+        if groups:
+            if gid is None:
+                raise ConfigError("supplementary groups need a gid", field="groups")
+            for g in groups:
+                _uint(Tag.GID, "groups", g, 4)  # range check
+            items.append(_text(Tag.GROUPS, "groups", ",".join(str(int(g)) for g in groups)))
+        if rlimits:
+            for res, soft, hard in rlimits:
+                for value in (res, soft, hard):
+                    _uint(Tag.OFFSET, "rlimits", value, 8)
+            text = ",".join(f"{r}:{s}:{h}" for r, s, h in rlimits)
+            items.append(_text(Tag.RLIMITS, "rlimits", text))
+        if umask is not None:
+            items.append(_uint(Tag.UMASK, "umask", umask, 4))
         items += extra_items
         started: list[ExecProcess] = []
 
@@ -472,6 +496,33 @@ class AgentClient:
         items = [tlv(Tag.EXEC_ID, exec_id, 4), tlv(Tag.ROWS, rows, 4), tlv(Tag.COLS, cols, 4)]
         await self._call(FrameType.RESIZE, tlv_encode(items), "resize", timeout)
 
+    async def mount(
+        self,
+        target: str,
+        *,
+        source: str = "",
+        fstype: str = "",
+        flags: MountFlag = MountFlag.NONE,
+        data: str = "",
+        timeout: float | None = None,
+    ) -> None:
+        """Mount in the container root (protocol 1.3): ``source`` is a guest path, a pseudo
+        source (``tmpfs``) or ``LABEL=NAME`` (the virtio disk with that ext4 label). The
+        target is created first (a file with ``MountFlag.FILE``).
+
+        Raises:
+            ConfigError: a relative target or text the wire cannot carry.
+            AgentRequestError: the mount failed in the guest (errno and step in the message).
+        """
+        if not target.startswith("/"):
+            raise ConfigError(f"mount target {target!r} must be absolute", field="target")
+        items = [_path(target), _uint(Tag.MOUNT_FLAGS, "flags", int(flags), 4)]
+        for tag, name, value in ((Tag.SOURCE, "source", source), (Tag.FSTYPE, "fstype", fstype),
+                                 (Tag.MOUNT_DATA, "data", data)):  # fmt: skip
+            if value:
+                items.append(_text(tag, name, value))
+        await self._call(FrameType.MOUNT, tlv_encode(items), f"mount {target}", timeout)
+
     async def write_file(
         self,
         path: str,
@@ -480,17 +531,21 @@ class AgentClient:
         *,
         atomic: bool = True,
         timeout: float | None = None,
+        parents: bool = False,
     ) -> None:
         """Write ``data`` to ``path`` in the guest with permission bits ``mode``.
 
         ``atomic`` writes ``<path>.vc-part`` and renames it over ``path`` after the last
-        chunk; ``atomic=False`` writes in place (sysfs, procfs, devices). ``timeout`` applies
-        per chunk.
+        chunk; ``atomic=False`` writes in place (sysfs, procfs, devices, a bind-mounted
+        file). ``parents`` (protocol 1.3) creates missing parent directories. ``timeout``
+        applies per chunk.
         """
         op = f"write_file {path}"
         head = [_path(path), _uint(Tag.MODE, "mode", mode, 4)]
         if not atomic:
             head.append(tlv(Tag.DIRECT, 1, 1))
+        if parents:
+            head.append(tlv(Tag.PARENTS, 1, 1))
         offsets = list(range(0, len(data), CHUNK)) or [0]
         window: deque[_Pending] = deque()
         try:

@@ -38,6 +38,7 @@ __all__ = [
     "Frame",
     "FrameDecoder",
     "FrameType",
+    "MountFlag",
     "Tag",
     "encode_frame",
     "tlv",
@@ -48,7 +49,7 @@ __all__ = [
 MAGIC = b"VCAG"
 PROTOCOL_MAJOR = 1
 """Frames carry this in their version byte; a different major version is incompatible."""
-PROTOCOL_MINOR = 2
+PROTOCOL_MINOR = 3
 """Additive changes (new optional tags, new request types) bump the minor version only."""
 
 _HEADER = struct.Struct(">4sBBHIIII")
@@ -77,6 +78,8 @@ class FrameType(IntEnum):
     """Sent once after :data:`SYNC_PREAMBLE` (id 0, no reply): a new host's session begins."""
     RESIZE = 0x0A
     """Set the window size of an exec's pty (since 1.2)."""
+    MOUNT = 0x0B
+    """Mount in the container root (since 1.3; the OCI runtime's mounts, read-only root)."""
     SERVER = 0x20
     """A request to the sandbox server (:mod:`virtcontainers.server`); never sent to the agent."""
     OK = 0x40
@@ -86,6 +89,20 @@ class FrameType(IntEnum):
     STDERR = 0x82
     EXIT = 0x83
     WINDOW = 0x84
+
+
+class MountFlag(IntFlag):
+    """MOUNT's MOUNT_FLAGS bits (since 1.3)."""
+
+    NONE = 0
+    RDONLY = 0x1
+    BIND = 0x2
+    REMOUNT = 0x4
+    FILE = 0x8
+    """Create the target as an empty file (a file bind), not a directory."""
+    NOSUID = 0x10
+    NODEV = 0x20
+    NOEXEC = 0x40
 
 
 class Flag(IntFlag):
@@ -129,6 +146,18 @@ class Tag(IntEnum):
     CLEAR_ENV = 32
     NO_STDIN = 33
     DIRECT = 34
+    # since 1.3 (the OCI runtime, ``virtcontainers.oci``)
+    SOURCE = 35
+    FSTYPE = 36
+    MOUNT_FLAGS = 37
+    MOUNT_DATA = 38
+    GROUPS = 39
+    """EXEC with GID: more groups, ``"1000,1234"`` (setgroups: GID first, then these)."""
+    RLIMITS = 40
+    """EXEC: ``"RESOURCE:SOFT:HARD[,...]"`` with Linux resource numbers, set before setuid."""
+    UMASK = 41
+    PARENTS = 42
+    """WRITE_FILE: create missing parent directories (0755)."""
     KEEP = 64
     """EXEC through the sandbox server: the process outlives its client (``vc exec -d``).
     The server strips it; an agent would ignore it (not critical)."""

@@ -31,6 +31,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/reboot.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -43,7 +44,7 @@
 
 #define AGENT_VERSION "0.1.0"
 #define PROTO_MAJOR 1
-#define PROTO_MINOR 2
+#define PROTO_MINOR 3
 
 #define HDR_SIZE 24
 #define MAX_PAYLOAD 65536u
@@ -74,6 +75,7 @@ enum frame_type {
     T_SHUTDOWN = 0x08,
     T_ATTACH = 0x09,
     T_RESIZE = 0x0A,
+    T_MOUNT = 0x0B, /* since 1.3 */
     T_OK = 0x40,
     T_ERROR = 0x41,
     T_STDIN = 0x80,
@@ -92,7 +94,10 @@ enum tag {
     G_PROTO_MINOR = 20, G_AGENT_VERSION = 21, G_EXIT_CODE = 22, G_TIMED_OUT = 23,
     G_ERR_CODE = 24, G_ERRNO = 25, G_MESSAGE = 26, G_GROUP = 27, G_FAILED = 28, G_ROWS = 29,
     G_COLS = 30, G_PID = 31, G_CLEAR_ENV = 32, G_NO_STDIN = 33, G_DIRECT = 34,
-    G_MAX = 35,
+    /* since 1.3 (the OCI runtime): */
+    G_SOURCE = 35, G_FSTYPE = 36, G_MOUNT_FLAGS = 37, G_MOUNT_DATA = 38, G_GROUPS = 39,
+    G_RLIMITS = 40, G_UMASK = 41, G_PARENTS = 42,
+    G_MAX = 43,
 };
 #define G_CRITICAL 0x8000
 
@@ -103,6 +108,7 @@ static const uint8_t TAG_WIDTH[G_MAX] = {
     [G_COUNT] = 4, [G_PROTO_MAJOR] = 4, [G_PROTO_MINOR] = 4, [G_EXIT_CODE] = 4,
     [G_TIMED_OUT] = 1, [G_ERR_CODE] = 4, [G_ERRNO] = 4, [G_GROUP] = 1, [G_FAILED] = 4,
     [G_ROWS] = 4, [G_COLS] = 4, [G_PID] = 4, [G_CLEAR_ENV] = 1, [G_NO_STDIN] = 1, [G_DIRECT] = 1,
+    [G_MOUNT_FLAGS] = 4, [G_UMASK] = 4, [G_PARENTS] = 1,
 };
 
 enum err_code {
@@ -345,9 +351,10 @@ static void send_error(uint32_t id, uint32_t code, int err, const char *fmt, ...
 struct fields {
     char **args, **envs;
     int nargs, nenvs;
-    char *cwd, *path;
+    char *cwd, *path, *source, *fstype, *mount_data, *groups, *rlimits;
     int has_uid, has_gid, has_mode, tty, group, final, clear_env, no_stdin, direct;
-    uint32_t uid, gid, timeout_ms, exec_id, sig, mode, length, rows, cols;
+    int has_umask, parents;
+    uint32_t uid, gid, timeout_ms, exec_id, sig, mode, length, rows, cols, mount_flags, umask;
     uint64_t offset;
     const uint8_t *data;
     uint32_t data_len;
@@ -360,6 +367,12 @@ static void fields_free(struct fields *f)
     free(f->envs);
     free(f->arena);
     memset(f, 0, sizeof *f);
+}
+
+static int is_string_tag(uint16_t tag)
+{
+    return tag == G_ARG || tag == G_ENV || tag == G_CWD || tag == G_PATH || tag == G_SOURCE ||
+           tag == G_FSTYPE || tag == G_MOUNT_DATA || tag == G_GROUPS || tag == G_RLIMITS;
 }
 
 /* Parse a TLV payload. Returns 0, or -1 with a message in err. Strings are copied into one
@@ -394,7 +407,7 @@ static int parse_fields(const uint8_t *p, uint32_t n, struct fields *f, char *er
             snprintf(err, errlen, "tag %u must be %u bytes, got %u", tag, TAG_WIDTH[tag], len);
             return -1;
         }
-        if (tag == G_ARG || tag == G_ENV || tag == G_CWD || tag == G_PATH) {
+        if (is_string_tag(tag)) {
             if (memchr(v, 0, len)) {
                 snprintf(err, errlen, "string tag %u contains a NUL byte", tag);
                 return -1;
@@ -420,7 +433,7 @@ static int parse_fields(const uint8_t *p, uint32_t n, struct fields *f, char *er
         const uint8_t *v = p + off + 6;
         off += 6 + (size_t)len;
         char *s = NULL;
-        if (tag == G_ARG || tag == G_ENV || tag == G_CWD || tag == G_PATH) {
+        if (is_string_tag(tag)) {
             memcpy(a, v, len);
             a[len] = 0;
             s = a;
@@ -448,6 +461,14 @@ static int parse_fields(const uint8_t *p, uint32_t n, struct fields *f, char *er
         case G_CLEAR_ENV: f->clear_env = v[0] != 0; break;
         case G_NO_STDIN: f->no_stdin = v[0] != 0; break;
         case G_DIRECT: f->direct = v[0] != 0; break;
+        case G_SOURCE: f->source = s; break;
+        case G_FSTYPE: f->fstype = s; break;
+        case G_MOUNT_DATA: f->mount_data = s; break;
+        case G_MOUNT_FLAGS: f->mount_flags = rd32(v); break;
+        case G_GROUPS: f->groups = s; break;
+        case G_RLIMITS: f->rlimits = s; break;
+        case G_UMASK: f->has_umask = 1; f->umask = rd32(v); break;
+        case G_PARENTS: f->parents = v[0] != 0; break;
         default: break;
         }
     }
@@ -691,6 +712,26 @@ static const char *env_lookup(char **envp, const char *name)
     return NULL;
 }
 
+/* RLIMITS: "RESOURCE:SOFT:HARD[,...]" with Linux resource numbers (the host maps names). */
+static int apply_rlimits(const char *spec)
+{
+    for (const char *p = spec; *p;) {
+        char *end;
+        unsigned long res = strtoul(p, &end, 10);
+        if (*end != ':')
+            return errno = EINVAL, -1;
+        struct rlimit rl;
+        rl.rlim_cur = (rlim_t)strtoull(end + 1, &end, 10);
+        if (*end != ':')
+            return errno = EINVAL, -1;
+        rl.rlim_max = (rlim_t)strtoull(end + 1, &end, 10);
+        if (setrlimit((int)res, &rl) < 0)
+            return -1;
+        p = *end == ',' ? end + 1 : end + strlen(end);
+    }
+    return 0;
+}
+
 static void child_exec(struct fields *f, char **envp, int efd, int in, int out, int err, int tty)
 {
     sigset_t none;
@@ -706,9 +747,20 @@ static void child_exec(struct fields *f, char **envp, int efd, int in, int out, 
         child_fail(efd, 3);
     if (f->cwd && chdir(f->cwd) < 0)
         child_fail(efd, 4);
+    if (f->rlimits && apply_rlimits(f->rlimits) < 0)
+        child_fail(efd, 8);
+    if (f->has_umask)
+        umask((mode_t)(f->umask & 0777));
     if (f->has_gid) {
-        gid_t g = (gid_t)f->gid;
-        if (setgroups(1, &g) < 0 || setgid(g) < 0)
+        gid_t g[NGROUPS_MAX + 1];
+        int n = 0;
+        g[n++] = (gid_t)f->gid;
+        for (const char *p = f->groups; p && *p && n <= NGROUPS_MAX;) {
+            char *end;
+            g[n++] = (gid_t)strtoul(p, &end, 10);
+            p = *end == ',' ? end + 1 : end + strlen(end);
+        }
+        if (setgroups((size_t)n, g) < 0 || setgid(g[0]) < 0)
             child_fail(efd, 5);
     }
     if (f->has_uid && setuid((uid_t)f->uid) < 0)
@@ -751,7 +803,7 @@ static void child_exec(struct fields *f, char **envp, int efd, int in, int out, 
 #include "vc-rootfs.h" /* the container root of image sandboxes */
 
 static const char *STAGES[] = {"", "setsid", "set controlling tty", "dup2", "chdir", "setgid",
-                               "setuid", "execve"};
+                               "setuid", "execve", "setrlimit"};
 
 static void do_exec(uint32_t id, struct fields *f)
 {
@@ -839,7 +891,7 @@ static void do_exec(uint32_t id, struct fields *f)
     if (r == (ssize_t)sizeof msg) {
         int st;
         waitpid(pid, &st, 0);
-        int stage = msg[0] >= 1 && msg[0] <= 7 ? msg[0] : 7;
+        int stage = msg[0] >= 1 && msg[0] <= 8 ? msg[0] : 7;
         const char *what = stage == 4 ? f->cwd : f->args[0];
         send_error(id, E_EXEC, msg[1], "%s %s: %s", STAGES[stage], what, strerror(msg[1]));
         goto fail_fds;
@@ -967,6 +1019,20 @@ static void do_write_file(uint32_t id, struct fields *f)
             return;
         }
         target = tmp;
+    }
+    if (f->parents && f->offset == 0) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%s", f->path);
+        char *slash = strrchr(dir, '/');
+        if (slash && slash != dir) {
+            *slash = 0;
+            if (mkdir_p(dir, 0755) < 0) {
+                int err = errno;
+                send_error(id, E_OS, err, "write_file %s: mkdir %s: %s", f->path, dir,
+                           strerror(err));
+                return;
+            }
+        }
     }
     int flags = O_WRONLY | O_CLOEXEC | O_NOCTTY;
     if (f->offset == 0)
@@ -1239,7 +1305,7 @@ static void handle_frame(uint8_t type, uint16_t flags, uint32_t id, const uint8_
         host_attached();
         return;
     }
-    if (type < T_PING || type > T_RESIZE) {
+    if (type < T_PING || type > T_MOUNT) {
         send_error(id, E_BAD_TYPE, 0, "unknown frame type 0x%02x", type);
         return;
     }
@@ -1274,6 +1340,7 @@ static void handle_frame(uint8_t type, uint16_t flags, uint32_t id, const uint8_
         break;
     case T_SHUTDOWN: do_shutdown(id); break;
     case T_RESIZE: do_resize(id, &f); break;
+    case T_MOUNT: do_mount(id, &f); break;
     default: break;
     }
     fields_free(&f);

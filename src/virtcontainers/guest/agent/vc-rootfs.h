@@ -249,3 +249,109 @@ static int rootfs_setup(void)
            scratch[0] ? "scratch disk" : "tmpfs");
     return 0;
 }
+
+/*
+ * MOUNT (since 1.3; the OCI runtime's mounts and read-only root, inside the container root):
+ * PATH is the target, SOURCE a guest path, "LABEL=NAME" (the virtio disk whose ext4 label is
+ * NAME; waited for up to 5 s) or a pseudo source ("tmpfs"); FSTYPE, MOUNT_DATA as mount(2).
+ * The target is created first (with parents), as a file when M_FILE is set.
+ */
+#define M_RDONLY 0x1
+#define M_BIND 0x2
+#define M_REMOUNT 0x4
+#define M_FILE 0x8
+#define M_NOSUID 0x10
+#define M_NODEV 0x20
+#define M_NOEXEC 0x40
+
+/* The /dev/vdX whose ext4 label is label; 0 when found. */
+static int disk_by_label(const char *label, char *dev, size_t n)
+{
+    int64_t deadline = now_ms() + 5000;
+    for (;;) {
+        DIR *d = opendir("/sys/block");
+        struct dirent *de;
+        while (d && (de = readdir(d))) {
+            if (strncmp(de->d_name, "vd", 2))
+                continue;
+            char path[PATH_MAX], got[17] = "";
+            snprintf(path, sizeof path, "/dev/%s", de->d_name);
+            if (disk_kind(path, got, sizeof got) == 2 && !strcmp(got, label)) {
+                snprintf(dev, n, "%s", path);
+                closedir(d);
+                return 0;
+            }
+        }
+        if (d)
+            closedir(d);
+        if (now_ms() > deadline)
+            return -1;
+        usleep(10000);
+    }
+}
+
+static void do_mount(uint32_t id, struct fields *f)
+{
+    if (!f->path || f->path[0] != '/') {
+        send_error(id, E_BAD_PAYLOAD, 0, "mount: an absolute target path is required");
+        return;
+    }
+    if (rootfs_refuse(id))
+        return;
+    uint32_t m = f->mount_flags;
+    char dev[PATH_MAX];
+    const char *src = f->source;
+    if (src && !strncmp(src, "LABEL=", 6)) {
+        if (disk_by_label(src + 6, dev, sizeof dev) < 0) {
+            send_error(id, E_OS, ENODEV, "mount %s: no disk labelled %s", f->path, src + 6);
+            return;
+        }
+        src = dev;
+    }
+    if (!(m & M_REMOUNT)) {
+        int rc;
+        if (m & M_FILE) {
+            char dir[PATH_MAX];
+            snprintf(dir, sizeof dir, "%s", f->path);
+            char *slash = strrchr(dir, '/');
+            if (slash && slash != dir)
+                *slash = 0;
+            rc = mkdir_p(dir, 0755);
+            if (rc == 0) {
+                int fd = open(f->path, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+                rc = fd < 0 ? -1 : close(fd);
+            }
+        } else {
+            rc = mkdir_p(f->path, 0755);
+        }
+        if (rc < 0) {
+            int err = errno;
+            send_error(id, E_OS, err, "mount %s: create the target: %s", f->path, strerror(err));
+            return;
+        }
+    }
+    unsigned long flags = 0;
+    if (m & M_NOSUID)
+        flags |= MS_NOSUID;
+    if (m & M_NODEV)
+        flags |= MS_NODEV;
+    if (m & M_NOEXEC)
+        flags |= MS_NOEXEC;
+    if (m & M_BIND)
+        flags |= MS_BIND;
+    if (m & M_REMOUNT)
+        flags |= MS_REMOUNT;
+    /* A bind mount ignores MS_RDONLY until it is remounted: do it in two steps. */
+    int ro_later = (m & M_RDONLY) && (m & M_BIND) && !(m & M_REMOUNT);
+    if ((m & M_RDONLY) && !ro_later)
+        flags |= MS_RDONLY;
+    if (mount(src, f->path, f->fstype && f->fstype[0] ? f->fstype : NULL, flags,
+              f->mount_data && f->mount_data[0] ? f->mount_data : NULL) < 0 ||
+        (ro_later && mount(NULL, f->path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)) {
+        int err = errno;
+        send_error(id, E_OS, err, "mount %s on %s: %s", src ? src : "-", f->path, strerror(err));
+        return;
+    }
+    tb_reset();
+    tb_send(T_OK, id);
+}
