@@ -36,6 +36,10 @@ __all__ = [
     "AnnotationError",
     "ApiError",
     "AssetError",
+    "BundleError",
+    "ContainerError",
+    "ContainerNotFoundError",
+    "ContainerStateError",
     "ConfigError",
     "HypervisorError",
     "HypervisorTimeout",
@@ -274,3 +278,38 @@ class ImageSpaceError(ImageError):
         self.needed = needed
         self.available = available
         super().__init__(message, ref=ref)
+
+
+class BundleError(ConfigError):
+    """An OCI bundle cannot be run: no or unreadable config.json, bad JSON, a missing root
+    file system, or a feature the runtime does not support (``field`` names the spec field)."""
+
+
+class ContainerError(VirtContainersError):
+    """An OCI runtime (``vc-runtime``) operation on a container failed; ``id`` names it."""
+
+    def __init__(self, message: str, *, id: str = "") -> None:
+        self.id = id
+        super().__init__(message)
+
+
+class ContainerNotFoundError(ContainerError):
+    """No container with this id in the runtime's root (the words podman and CRI-O match:
+    "does not exist")."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"container {id} does not exist", id=id)
+
+
+class ContainerStateError(ContainerError):
+    """The container's state does not allow the operation (e.g. delete while running)."""
+
+    def __init__(self, id: str, operation: str, state: str, required: Iterable[str]) -> None:
+        self.operation = operation
+        self.state = state
+        self.required = tuple(required)
+        super().__init__(
+            f"cannot {operation} container {id}: it is {state}; "
+            f"requires {' or '.join(self.required)}",
+            id=id,
+        )

@@ -89,6 +89,13 @@ class ExitStatus:
     signal: int | None
     timed_out: bool = False
 
+    @property
+    def shell_code(self) -> int:
+        """A shell-style exit code: 128 + the signal when killed."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 1
+
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
@@ -459,8 +466,8 @@ class AgentClient:
             items.append(_text(Tag.GROUPS, "groups", ",".join(str(int(g)) for g in groups)))
         if rlimits:
             for res, soft, hard in rlimits:
-                for value in (res, soft, hard):
-                    _uint(Tag.OFFSET, "rlimits", value, 8)
+                for number in (res, soft, hard):
+                    _uint(Tag.OFFSET, "rlimits", number, 8)  # range check
             text = ",".join(f"{r}:{s}:{h}" for r, s, h in rlimits)
             items.append(_text(Tag.RLIMITS, "rlimits", text))
         if umask is not None:

@@ -64,6 +64,9 @@ class ServerClient(AgentClient):
         tty_size: tuple[int, int] | None = None,
         request_timeout: float | None = None,
         extra_items: Sequence[tuple[int, bytes]] = (),
+        groups: Sequence[int] = (),
+        rlimits: Sequence[tuple[int, int, int]] = (),
+        umask: int | None = None,
         keep: bool = False,
     ) -> ExecProcess:
         """As :meth:`AgentClient.exec_stream`; ``keep``: the process outlives this client
@@ -72,6 +75,7 @@ class ServerClient(AgentClient):
             argv, env, cwd, uid, gid, tty, timeout,
             no_stdin=no_stdin, tty_size=tty_size, request_timeout=request_timeout,
             extra_items=[*extra_items, tlv(Tag.KEEP, 1, 1)] if keep else extra_items,
+            groups=groups, rlimits=rlimits, umask=umask,
         )  # fmt: skip
 
     async def attach(self, pid: int, *, timeout: float | None = None) -> ExecProcess:

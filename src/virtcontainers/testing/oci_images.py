@@ -33,6 +33,7 @@ __all__ = [
     "TestImageConfig",
     "TestImageError",
     "busybox_layout",
+    "busybox_tree",
     "debian_python_layout",
     "debian_rootfs_tar",
 ]
@@ -72,7 +73,7 @@ BUSYBOX_CONFIG = TestImageConfig(
 _BUSYBOX_APPLETS = (
     "sh", "true", "false", "echo", "env", "id", "pwd", "cat", "ls", "test",
     "sleep", "rm", "mkdir", "touch", "mount", "uname", "hostname", "stat",
-    "dd", "date", "grep", "head", "seq",
+    "dd", "date", "grep", "head", "seq", "tty",
 )  # fmt: skip
 
 
@@ -198,6 +199,25 @@ def debian_python_layout() -> Path:
     return _cached("debian-python", inputs, build) / "layout"
 
 
+def busybox_tree(base: Path) -> None:
+    """A minimal root file system at ``base``: the host's static busybox, its applets as
+    symlinks in /bin, root in /etc/passwd and /etc/group (a bundle rootfs, a layer).
+
+    Raises:
+        TestImageError: /bin/busybox is missing.
+    """
+    busybox = Path("/bin/busybox")
+    if not busybox.is_file():
+        raise TestImageError("/bin/busybox is missing (apt-get install busybox-static)")
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "srv", "root"):
+        (base / d).mkdir(parents=True)
+    shutil.copy2(busybox, base / "bin/busybox")
+    for applet in _BUSYBOX_APPLETS:
+        (base / "bin" / applet).symlink_to("busybox")
+    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (base / "etc/group").write_text("root:x:0:\n")
+
+
 def busybox_layout() -> Path:
     """A small OCI layout of the host's static busybox; see the module doc."""
     busybox = Path("/bin/busybox")
@@ -212,13 +232,7 @@ def busybox_layout() -> Path:
 
     def build(tmp: Path) -> None:
         base = tmp / "base"
-        for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "srv", "root"):
-            (base / d).mkdir(parents=True)
-        shutil.copy2(busybox, base / "bin/busybox")
-        for applet in _BUSYBOX_APPLETS:
-            (base / "bin" / applet).symlink_to("busybox")
-        (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        (base / "etc/group").write_text("root:x:0:\n")
+        busybox_tree(base)
         _layout(tmp, base, BUSYBOX_CONFIG)
         shutil.rmtree(base)
 
