@@ -43,6 +43,7 @@ from virtcontainers.agent.protocol import (
     Frame,
     FrameDecoder,
     FrameType,
+    MountFlag,
     Tag,
     encode_frame,
     tlv,
@@ -244,6 +245,59 @@ async def test_bad_request_input_is_a_config_error(
 async def test_uid_gid(client: AgentClient) -> None:
     res = await client.exec(["sh", "-c", "id -u; id -g; id -G"], uid=65534, gid=65534)
     assert res.stdout.decode().split() == ["65534", "65534", "65534"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setgroups/setuid need root")
+async def test_groups_rlimits_and_umask_since_1_3(client: AgentClient) -> None:
+    proc = await client.exec_stream(
+        ["sh", "-c", "id -G; ulimit -Sn; ulimit -Hn; umask"], uid=65534, gid=65534,
+        groups=[1234, 5], rlimits=[(7, 100, 200)], umask=0o027, no_stdin=True,
+    )  # fmt: skip
+    out = b"".join([data async for _stream, data in proc])
+    assert (await proc.wait()).exit_code == 0
+    groups, limits = out.decode().splitlines()[0].split(), out.decode().split()[3:]
+    assert groups[0] == "65534"
+    assert sorted(groups[1:]) == ["1234", "5"]
+    assert limits == ["100", "200", "0027"]
+    with pytest.raises(AgentRequestError, match="setrlimit") as info:
+        await client.exec_stream(["true"], rlimits=[(7, 10, 5)])  # soft above hard: EINVAL
+    assert info.value.code == ErrorCode.EXEC
+    with pytest.raises(ConfigError, match="supplementary groups need a gid"):
+        await client.exec_stream(["true"], groups=[1])
+
+
+async def test_write_file_parents_since_1_3(client: AgentClient, tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "c.txt"
+    with pytest.raises(AgentRequestError, match="No such file or directory"):
+        await client.write_file(str(target), b"x")
+    await client.write_file(str(target), b"made", parents=True)
+    assert target.read_bytes() == b"made"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount needs root")
+async def test_mount_since_1_3(client: AgentClient, tmp_path: Path) -> None:
+    target = tmp_path / "made" / "here"
+    await client.mount(str(target), source="tmpfs", fstype="tmpfs",
+                       flags=MountFlag.NOSUID | MountFlag.RDONLY, data="size=1m")  # fmt: skip
+    try:
+        line = next(m for m in Path("/proc/self/mounts").read_text().splitlines()
+                    if m.split()[1] == str(target))  # fmt: skip
+        assert line.split()[2] == "tmpfs"
+        assert {"ro", "nosuid"} <= set(line.split()[3].split(","))
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    afile = tmp_path / "f" / "bound"
+    await client.mount(str(afile), source=str(SOURCE), flags=MountFlag.BIND | MountFlag.FILE)
+    try:
+        assert afile.read_bytes() == SOURCE.read_bytes()
+    finally:
+        subprocess.run(["umount", str(afile)], check=True)
+    with pytest.raises(AgentRequestError, match="no disk labelled vc-none"):
+        await client.mount(str(tmp_path / "x"), source="LABEL=vc-none", fstype="ext4")
+    with pytest.raises(AgentRequestError, match="No such device"):
+        await client.mount(str(tmp_path / "y"), source="none", fstype="no-such-fs")
+    with pytest.raises(ConfigError, match="must be absolute"):
+        await client.mount("relative", source="tmpfs", fstype="tmpfs")
 
 
 # --- streams and flow control -------------------------------------------------------------

@@ -80,7 +80,8 @@ def test_a_bad_bundle_fails_create_clearly_and_creates_nothing(
                  "--pid-file", str(pid_file), "c1"])  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err
-    assert err.startswith("vc-runtime: ") and words in err
+    assert err.startswith("vc-runtime: ")
+    assert words in err
     assert not root.exists() or list(root.iterdir()) == []
     assert not pid_file.exists()
 
@@ -135,7 +136,8 @@ def test_exec_process_from_args_and_from_a_file(tmp_path: Path) -> None:
     path.write_text(json.dumps({"args": ["cat", "/etc/hostname"], "cwd": "/",
                                 "user": {"uid": 0, "gid": 0}, "terminal": True}))  # fmt: skip
     loaded = load_process(path)
-    assert loaded.args == ["cat", "/etc/hostname"] and loaded.terminal
+    assert loaded.args == ["cat", "/etc/hostname"]
+    assert loaded.terminal
     path.write_text("[]")
     with pytest.raises(BundleError, match="Expected `object`"):
         load_process(path)
@@ -147,7 +149,8 @@ def test_a_record_whose_container_process_is_gone_reads_stopped(tmp_path: Path) 
     states.update("c2", status=Status.RUNNING, pid=2**22 + 1)  # no such pid
     state = states.load("c2")
     assert state.status == Status.STOPPED
-    assert state.oci()["pid"] == 0 and state.oci()["annotations"] == {"a": "b"}
+    assert state.oci()["pid"] == 0
+    assert state.oci()["annotations"] == {"a": "b"}
     assert main(["--root", str(tmp_path), "delete", "c2"]) == 0
     assert not states.path("c2").exists()
 

@@ -219,6 +219,19 @@ def build_snapshots(plan: MountPlan, directory: Path) -> list[BlockDrive]:
              str(out), f"{size_kb}k"],
             step=f"snapshot the bind mount source {source}",
         )  # fmt: skip
+        # mke2fs -d gives the disk's root directory its own defaults (root, 0755): the
+        # mount point must have the source's owner and mode, as a bind mount would.
+        st = source.stat()
+        commands = out.with_suffix(".debugfs")
+        commands.write_text(
+            f"sif / mode 0{stat.S_IFDIR | stat.S_IMODE(st.st_mode):o}\n"
+            f"sif / uid {st.st_uid}\nsif / gid {st.st_gid}\n"
+        )
+        try:
+            run_tool(["debugfs", "-w", "-f", str(commands), str(out)],
+                     step=f"set the owner and mode of the snapshot of {source}")  # fmt: skip
+        finally:
+            commands.unlink()
         drives.append(BlockDrive(file=str(out), id=label))
     return drives
 
