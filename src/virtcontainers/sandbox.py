@@ -366,6 +366,7 @@ class Sandbox:
         agent = await self._connect_agent(timeout=timeout)
         await agent.ping(timeout=timeout)
 
+    @traced("sandbox.wait_for_agent", _ids)  # the guest's boot, seen from the host
     async def _wait_for_agent(self, deadline: float, timeout: float) -> None:
         while True:
             try:

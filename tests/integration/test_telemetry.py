@@ -76,7 +76,9 @@ async def test_create_start_exec_stop_span_tree(
     assert create.attributes["vc.memory_mib"] == 512
 
     start = _one(finished, "sandbox.start")
-    assert _children(finished, start) == ["CreateVM", "StartVM", "GenerateSocket"]
+    assert _children(finished, start) == [
+        "CreateVM", "StartVM", "GenerateSocket", "sandbox.wait_for_agent",
+    ]  # fmt: skip
     create_vm = _one(finished, "CreateVM")
     assert create_vm.attributes is not None
     expected = {"vc.driver": "qemu", "vc.sandbox.id": sb.id, "vc.vcpus": 1, "vc.memory_mib": 512}

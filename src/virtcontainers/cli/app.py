@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -31,6 +32,7 @@ COMMANDS = {
     },
     "guest": "guest:guest",
     "image": "image:image",
+    "metrics": "metrics:metrics",
 }
 
 _debug = False
@@ -56,6 +58,21 @@ class LazyGroup(click.Group):
             raise TypeError(f"{target} is not a click command")
         return command
 
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BaseException as exc:
+            # The command's root span (vc --trace) ends with the context, which does not see
+            # the exception: record it (or the exit code) here.
+            root = ctx.meta.get("vc.span")
+            if root is not None:
+                if isinstance(exc, SystemExit | click.exceptions.Exit):
+                    code = exc.code if isinstance(exc, SystemExit) else exc.exit_code
+                    root.set("vc.exit_code", code if isinstance(code, int) else 1)
+                elif not isinstance(exc, click.ClickException):
+                    root.fail(exc)
+            raise
+
 
 @click.group(
     cls=LazyGroup,
@@ -63,14 +80,39 @@ class LazyGroup(click.Group):
     context_settings={"show_default": True, "max_content_width": 100},
 )
 @click.option("--debug", is_flag=True, help="Log debug output and show tracebacks.")
-def app(debug: bool) -> None:
+@click.option(
+    "--trace",
+    "trace_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Append every span of this command, and of the sandbox server it starts, to FILE "
+    "as JSON lines (needs the otlp extra). OTEL_EXPORTER_OTLP_ENDPOINT exports too.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="Log lines as text, or as JSON objects with the spans' ids (json also logs every "
+    "operation). [default: text, or $VC_LOG_FORMAT]",
+)
+@click.pass_context
+def app(ctx: click.Context, debug: bool, trace_file: str | None, log_format: str | None) -> None:
     """Run lightweight VM sandboxes (QEMU, Firecracker, Cloud Hypervisor, ACRN)."""
     global _debug
     _debug = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from virtcontainers.telemetry import export, logs
+
+    if log_format is not None:
+        os.environ[logs.LOG_FORMAT_ENV] = log_format  # for the sandbox servers we start
+    logs.configure(log_format, level=logging.DEBUG if debug else logging.WARNING)
+    if trace_file is not None:
+        os.environ[export.TRACE_FILE_ENV] = os.path.abspath(trace_file)
+    elif not export.requested():
+        return  # untraced: neither the API nor the SDK is imported
+    export.configure(service_name="vc")
+    from virtcontainers.telemetry.tracing import operation
+
+    name = f"vc {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "vc"
+    ctx.meta["vc.span"] = ctx.with_resource(operation(name))
 
 
 def main() -> None:

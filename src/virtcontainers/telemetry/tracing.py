@@ -81,11 +81,24 @@ def error_kind(exc: BaseException) -> str:
 class Operation:
     """The running operation :func:`operation` yields: add attributes as they are known."""
 
-    __slots__ = ("attributes", "span")
+    __slots__ = ("attributes", "failure", "span")
 
     def __init__(self, span: Span, attributes: dict[str, AttributeValue]) -> None:
         self.span = span
         self.attributes = attributes
+        self.failure: str | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Record ``exc`` as this operation's end: the exception event, status ERROR and
+        ``error.type``; for a cancellation (``CancelledError``, Ctrl-C) ``vc.cancelled``."""
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            self.set("vc.cancelled", True)
+            self.failure = "cancelled"
+            return
+        self.failure = error_kind(exc)
+        self.span.record_exception(exc)
+        self.span.set_status(Status(StatusCode.ERROR, f"{self.failure}: {exc}"))
+        self.set("error.type", self.failure)
 
     def set(self, key: str, value: AttributeValue) -> None:
         self.span.set_attribute(key, value)
@@ -106,25 +119,17 @@ def operation(name: str, attributes: Attributes | None = None) -> Iterator[Opera
     """
     attrs = dict(attributes or {})
     start = time.perf_counter()
-    failure: str | None = None
     with _tracer.start_as_current_span(
         name, attributes=attrs, record_exception=False, set_status_on_exception=False
     ) as span:
         op = Operation(span, attrs)
         try:
             yield op
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            op.set("vc.cancelled", True)
-            failure = "cancelled"
-            raise
-        except Exception as exc:
-            failure = error_kind(exc)
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{failure}: {exc}"))
-            op.set("error.type", failure)
+        except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
+            op.fail(exc)
             raise
         finally:
-            _finish(name, span, op.attributes, time.perf_counter() - start, failure)
+            _finish(name, span, op.attributes, time.perf_counter() - start, op.failure)
 
 
 def _finish(name: str, span: Span, attrs: Attributes, seconds: float, failure: str | None) -> None:
