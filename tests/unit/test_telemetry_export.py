@@ -106,3 +106,69 @@ def test_an_unknown_exporter_is_refused_before_anything_runs() -> None:
     assert done.returncode == 1
     assert "ConfigError" in done.stderr
     assert "OTEL_TRACES_EXPORTER names unknown exporters zipkin" in done.stderr
+
+
+LOADED = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('LOADED', sorted({m.split('.')[0] for m in sys.modules"
+    " if m.startswith(('opentelemetry', 'prometheus_client', 'h11'))}), file=sys.stderr))\n"
+    "{block}\n"
+    "from virtcontainers.cli import main\n"
+    "sys.argv = ['vc', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+def _vc(tmp_path: Path, *args: str, block: str = "") -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VC_"))}
+    return subprocess.run(
+        [sys.executable, "-c", LOADED.replace("{block}", block), *args],
+        env={**clean, "VC_RUN_ROOT": str(tmp_path / "root")}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_fast_commands_load_no_telemetry_library_unless_asked(tmp_path: Path) -> None:
+    ps = _vc(tmp_path, "ps", "--json")
+    assert ps.returncode == 0, ps.stderr
+    assert ps.stderr.strip().endswith("LOADED []")
+    missing = _vc(tmp_path, "exec", "nosuch", "--", "true")
+    assert "StoreError" in missing.stderr
+    assert missing.stderr.strip().endswith("LOADED []")
+    traced = _vc(tmp_path, "--trace", str(tmp_path / "t.jsonl"), "ps", "--json")
+    assert traced.returncode == 0, traced.stderr
+    assert traced.stderr.strip().endswith("LOADED ['opentelemetry']")
+    (root,) = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert root["name"] == "vc ps"
+    assert root["attributes"] == {"vc.exit_code": 0}
+
+
+def test_trace_without_the_sdk_is_a_typed_error(tmp_path: Path) -> None:
+    done = _vc(
+        tmp_path, "--trace", str(tmp_path / "t.jsonl"), "ps",
+        block="sys.modules['opentelemetry.sdk.trace'] = None  # as if not installed",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert (
+        "error: MissingDependencyError: tracing needs opentelemetry-sdk, which is not "
+        "installed: pip install 'virtcontainers[otlp]'" in done.stderr
+    )
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_log_format_json_logs_each_operation(tmp_path: Path) -> None:
+    done = _vc(tmp_path, "--log-format", "json", "--trace", str(tmp_path / "t.jsonl"),
+               "rm", "nosuch")  # fmt: skip
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    spans = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    (root,) = spans
+    (op,) = [line for line in lines if line.get("operation") == "vc rm"]
+    assert op["error"] == "StoreError"
+    assert op["trace_id"] == root["context"]["trace_id"].removeprefix("0x")
+    assert op["span_id"] == root["context"]["span_id"].removeprefix("0x")
+    assert root["status"]["status_code"] == "ERROR"
+    assert root["attributes"]["error.type"] == "StoreError"
+    bad = _vc(tmp_path, "--log-format", "yaml", "ps")
+    assert bad.returncode == 2  # click's usage error names the choices
+    assert "'text', 'json'" in bad.stderr or "text, json" in bad.stderr

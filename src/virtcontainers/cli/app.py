@@ -60,7 +60,7 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except BaseException as exc:
             # The command's root span (vc --trace) ends with the context, which does not see
             # the exception: record it (or the exit code) here.
@@ -72,6 +72,9 @@ class LazyGroup(click.Group):
                 elif not isinstance(exc, click.ClickException):
                     root.fail(exc)
             raise
+        if (root := ctx.meta.get("vc.span")) is not None:
+            root.set("vc.exit_code", 0)
+        return result
 
 
 @click.group(
