@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from virtcontainers.errors import ConfigError, MissingDependencyError
@@ -93,7 +92,7 @@ def configure(
         ) from exc
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
     if path is not None:
-        out = _open_trace_file(Path(path))
+        out = _open_trace_file(os.fspath(path))
         # One line per span, written as the span ends: several processes (the CLI and the
         # servers it starts) append to one file, and a killed process loses no finished span.
         provider.add_span_processor(
@@ -118,7 +117,7 @@ def configure(
     return provider
 
 
-def _open_trace_file(path: Path) -> TextIO:
+def _open_trace_file(path: str) -> TextIO:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     except OSError as exc:
