@@ -4,7 +4,11 @@ across the CLI -> sandbox server boundary."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -146,3 +150,91 @@ async def test_server_spans_join_the_clients_trace(
         assert name in by_name, f"{name} missing from {sorted(by_name)}"
     assert by_name["StartVM"]["resource"]["attributes"]["service.name"] == "vc-server"
     assert trace_file.stat().st_mode & 0o777 == 0o600
+
+
+VC = str(Path(sys.executable).with_name("vc"))
+
+
+def _vc(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VC_TRACE"))}
+    return subprocess.run([VC, *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+def _tree(spans: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+    """(depth, name, service) in start order, depth first."""
+    kids: dict[str | None, list[dict[str, Any]]] = {}
+    for s in spans:
+        kids.setdefault(s["parent_id"], []).append(s)
+    out: list[tuple[int, str, str]] = []
+
+    def walk(span: dict[str, Any], depth: int) -> None:
+        out.append((depth, span["name"], span["resource"]["attributes"]["service.name"]))
+        for child in sorted(
+            kids.get(span["context"]["span_id"], []), key=lambda s: s["start_time"]
+        ):
+            walk(child, depth + 1)
+
+    for root in kids.get(None, []):
+        walk(root, 0)
+    return out
+
+
+def test_one_vc_run_is_one_trace(guest_image: GuestImage, vc_root: Path, tmp_path: Path) -> None:
+    trace_file = tmp_path / "run.jsonl"
+    done = _vc("--trace", str(trace_file), "run", "--", "sh", "-c", "echo hi; exit 3")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "hi\n"
+    spans = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    assert len({s["context"]["trace_id"] for s in spans}) == 1, "one trace"
+    tree = _tree(spans)
+    assert tree == [
+        (0, "vc run", "vc"),
+        (1, "sandbox.create", "vc"),
+        (1, "sandbox.start", "vc"),
+        (2, "server.boot", "vc-server"),
+        (3, "sandbox.start", "vc-server"),
+        (4, "CreateVM", "vc-server"),
+        (4, "StartVM", "vc-server"),
+        (4, "GenerateSocket", "vc-server"),
+        (4, "sandbox.wait_for_agent", "vc-server"),
+        (1, "sandbox.exec_stream", "vc"),
+        (1, "sandbox.remove", "vc"),
+        (2, "server.remove", "vc-server"),
+        (3, "sandbox.remove", "vc-server"),
+        (4, "sandbox.stop", "vc-server"),
+        (5, "StopVM", "vc-server"),
+        (6, "ConsoleFlush", "vc-server"),
+    ], tree
+    root = next(s for s in spans if s["name"] == "vc run")
+    assert root["attributes"]["vc.exit_code"] == 3
+    # Every span names the one sandbox (ConsoleFlush, below StopVM, names its log file).
+    ids = {s["attributes"].get("vc.sandbox.id") for s in spans if s["name"] != "vc run"}
+    flush = next(s for s in spans if s["name"] == "ConsoleFlush")
+    assert ids == {None, Path(flush["attributes"]["vc.console.log"]).parent.name}
+    assert not list(vc_root.glob("sandboxes/*")), "vc run removed its sandbox"
+
+
+def test_server_log_is_json_with_the_spans_ids(
+    guest_image: GuestImage, vc_root: Path, tmp_path: Path
+) -> None:
+    trace_file = tmp_path / "detached.jsonl"
+    common = ("--trace", str(trace_file), "--log-format", "json")
+    try:
+        assert _vc(*common, "create", "--id", "logs1").returncode == 0
+        started = _vc(*common, "start", "logs1")
+        assert started.returncode == 0, started.stderr
+        server_log = (vc_root / "sandboxes" / "logs1" / "server.log").read_text()
+    finally:
+        _vc("rm", "-f", "logs1")
+    lines = [json.loads(line) for line in server_log.splitlines() if line.startswith("{")]
+    assert lines, server_log
+    assert all(line["logger"].startswith("virtcontainers") for line in lines)
+    spans = {s["context"]["span_id"].removeprefix("0x"): s for s in
+             map(json.loads, trace_file.read_text().splitlines())}  # fmt: skip
+    ops = [line for line in lines if "operation" in line]
+    assert {"StartVM", "sandbox.start", "server.boot"} <= {op["operation"] for op in ops}
+    for op in ops:
+        span = spans[op["span_id"]]  # the op's own span, in the trace file
+        assert span["name"] == op["operation"]
+        assert span["context"]["trace_id"].removeprefix("0x") == op["trace_id"]
+        assert op["sandbox_id"] == "logs1"
