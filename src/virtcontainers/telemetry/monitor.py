@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from virtcontainers.errors import ConfigError
+from virtcontainers.fsutil import mkdir_private
 from virtcontainers.telemetry.metrics import LIFECYCLE_BUCKETS, METRICS_SOCKET, MONITOR_SOCKET
 
 __all__ = ["EndedSandboxes", "Monitor", "parse_listen", "serve"]
@@ -189,7 +190,12 @@ class EndedSandboxes:
                 self.path.unlink(missing_ok=True)
             finally:
                 probe.close()
-        self._sock.bind(str(self.path))
+        try:
+            mkdir_private(self.path.parent)  # the store may not exist yet: sandboxes will
+            self._sock.bind(str(self.path))
+        except OSError as exc:
+            log.warning("cannot listen at %s (stop durations stay unknown): %s", self.path, exc)
+            return
         self._bound = True
         os.chmod(self.path, 0o600)
         threading.Thread(target=self._receive, name="vc-metrics-ends", daemon=True).start()
