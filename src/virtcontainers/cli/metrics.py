@@ -33,9 +33,11 @@ def serve(listen: str) -> None:
     Like kata-monitor: each scrape scrapes the servers of the running sandboxes and adds
     vc_monitor_running_servers. Runs until interrupted (Ctrl-C, SIGTERM).
 
-    Example Prometheus job:
-
-      scrape_configs: [{job_name: vc, static_configs: [{targets: ['127.0.0.1:8090']}]}]
+    \b
+    A Prometheus job for it:
+      scrape_configs:
+        - job_name: vc
+          static_configs: [{targets: ['127.0.0.1:8090']}]
     """
     from virtcontainers.persist.store import StateStore
     from virtcontainers.telemetry.monitor import serve as start
