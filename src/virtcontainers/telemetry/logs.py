@@ -24,6 +24,7 @@ __all__ = ["FORMATS", "LOG_FORMAT_ENV", "JsonFormatter", "configure"]
 
 LOG_FORMAT_ENV = "VC_LOG_FORMAT"
 FORMATS = ("text", "json")
+_HANDLER = "virtcontainers"
 
 
 class JsonFormatter(logging.Formatter):
@@ -91,9 +92,10 @@ def configure(
         raise ConfigError(f"unknown log format {fmt!r}", field="--log-format", allowed=FORMATS)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text_format))
+    handler.set_name(_HANDLER)
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER]:
+        root.removeHandler(old)  # ours from an earlier call; others' handlers stay
     root.addHandler(handler)
     root.setLevel(level)
     if fmt == "json" and level > logging.INFO:
