@@ -5,6 +5,7 @@ mounts of the test's own (root)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from tests.reliability.leaks import Snapshot
 from tests.reliability.test_vm_faults import config
 from tests.reliability.tmpfs import fill, small_tmpfs
 from virtcontainers import Sandbox
-from virtcontainers.errors import ConfigError
+from virtcontainers.errors import ConfigError, VirtContainersError
 from virtcontainers.factory import Template
 from virtcontainers.guest.image import GuestImage
 from virtcontainers.persist.store import StateStore
@@ -40,27 +41,36 @@ async def test_disk_full_during_a_console_write(
         store = StateStore(fs / "root")
         before = Snapshot.take(fs / "root")
         sb = await Sandbox.create(config(guest_image), store=store)
-        await sb.start()
-        record = store.load(sb.id)
-        filler = fill(fs)
-        caplog.set_level(logging.WARNING, logger="virtcontainers.console")
-        script = f"yes vc-fill | head -c {FILL_BYTES} > /dev/console; echo done"
-        async with asyncio.timeout(BOUND):  # a stalled console would hang the guest's echo
-            result = await sb.exec(["sh", "-c", script])
-        assert result.stdout == b"done\n"
-        async with asyncio.timeout(BOUND):
-            assert (await sb.exec(["echo", "alive"])).stdout == b"alive\n"
-        assert store.load(sb.id) == record  # the record is intact
-        lost = [r for r in caplog.records if "No space left on device" in r.getMessage()]
-        assert len(lost) == 1, [r.getMessage() for r in caplog.records]
-        # Only what fitted in the log's last page is there (1 MiB = 131072 lines were sent).
-        assert sb.logs().count(b"vc-fill\r\n") < 1024
-        filler.unlink()
-        await sb.stop()
-        # Written again once there is space: the log ends with the guest's power-down.
-        assert "reboot: Power down" in sb.logs().decode(errors="replace").splitlines()[-1]
-        await sb.remove()
+        try:
+            await _console_fills_up(sb, store, fs, caplog)
+        finally:
+            with contextlib.suppress(VirtContainersError):
+                await sb.remove()  # a failed assertion must not leave the VM running
         assert Snapshot.take(fs / "root").leaked_since(before) == {}
+
+
+async def _console_fills_up(
+    sb: Sandbox, store: StateStore, fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await sb.start()
+    record = store.load(sb.id)
+    filler = fill(fs)
+    caplog.set_level(logging.WARNING, logger="virtcontainers.console")
+    script = f"yes vc-fill | head -c {FILL_BYTES} > /dev/console; echo done"
+    async with asyncio.timeout(BOUND):  # a stalled console would hang the guest's echo
+        result = await sb.exec(["sh", "-c", script])
+    assert result.stdout == b"done\n"
+    async with asyncio.timeout(BOUND):
+        assert (await sb.exec(["echo", "alive"])).stdout == b"alive\n"
+    assert store.load(sb.id) == record  # the record is intact
+    lost = [r for r in caplog.records if "No space left on device" in r.getMessage()]
+    assert len(lost) == 1, [r.getMessage() for r in caplog.records]
+    # Only what fitted in the log's last page is there (1 MiB = 131072 lines were sent).
+    assert sb.logs().count(b"vc-fill\r\n") < 1024
+    filler.unlink()
+    await sb.stop()
+    # Written again once there is space: the log ends with the guest's power-down.
+    assert "reboot: Power down" in sb.logs().decode(errors="replace").splitlines()[-1]
 
 
 async def test_full_dev_shm_during_template_creation(
