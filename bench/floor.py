@@ -95,9 +95,20 @@ async def _give_fd(qmp: QMPClient, fd: int, name: str) -> None:
         os.close(fd)
 
 
+async def save_to(qmp: QMPClient, path: Path) -> float:
+    """Seconds to migrate a paused VM's device state and RAM into ``path`` (a descriptor we
+    open and pass with ``getfd``, as our driver does)."""
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    await _give_fd(qmp, fd, "migfile")
+    await qmp.execute("migrate", {"uri": "fd:migfile"})
+    await _migration_done(qmp)
+    return time.perf_counter() - start
+
+
 async def operations(cfg: HypervisorConfig, qemu: str) -> dict[str, float]:
     """One round of the peer operations, wall ms each: boot to init, pause, resume, save
-    (paused, device state + RAM to a file), restore (into a new ``-incoming defer`` QEMU, to
+    (from paused: device state + RAM to a file), restore (into a new ``-incoming defer`` QEMU, to
     running), stop (``quit`` to exit)."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="vc-bench-floor-") as tmp:
@@ -113,13 +124,8 @@ async def operations(cfg: HypervisorConfig, qemu: str) -> dict[str, float]:
                 t = time.perf_counter()
                 await qmp.execute("cont")
                 out["resume_ms"] = (time.perf_counter() - t) * 1000
-                t = time.perf_counter()
                 await qmp.execute("stop")
-                fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                await _give_fd(qmp, fd, "migfile")
-                await qmp.execute("migrate", {"uri": "fd:migfile"})
-                await _migration_done(qmp)
-                out["save_ms"] = (time.perf_counter() - t) * 1000
+                out["save_ms"] = await save_to(qmp, state) * 1000
                 await quit_and_wait(vm, qmp)
         t = time.perf_counter()
         restoring = bare_qemu(cfg, qemu, "floor-restore", ["-incoming", "defer"])

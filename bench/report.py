@@ -16,11 +16,11 @@ from bench.stats import fmt
 
 #: Operations the peers have in common, and which of our figures is ours for each.
 PEER_OPS = {
-    "start": ("start to ready", "start_to_first_exec"),
+    "start": ("start to ready (ours: to first exec)", "start_to_first_exec"),
     "pause": ("pause", "pause"),
     "resume": ("resume", "resume"),
-    "save": ("save to a file", ""),
-    "restore": ("restore to running", "clone_to_first_exec"),
+    "save": ("save to a file", "save"),
+    "restore": ("restore to running (ours: template clone to first exec)", "clone_to_first_exec"),
     "stop": ("stop / destroy", "stop"),
 }
 

@@ -10,7 +10,8 @@ round trip, pause/resume, each against its floor measured in the same run.
 * **exec round trip** of ``true`` vs the agent's ``ping`` (the same channel, no process in
   the guest), in batches of 10 in a balanced random order, on one sandbox.
 * **pause / resume** (``Sandbox.pause``/``resume``: QMP plus the state record) vs QMP
-  ``stop``/``cont`` sent by ``qemu.qmp`` to a bare QEMU running at the same time.
+  ``stop``/``cont`` sent by ``qemu.qmp`` to a bare QEMU running at the same time; then one
+  **save** of each, paused, to a file (the driver's ``save_sandbox`` vs ``migrate fd:``).
 
 Usage: .venv/bin/python -m bench.sandbox [--pairs 6] [--execs 200]
 """
@@ -158,7 +159,10 @@ async def measure_exec(
 async def measure_pause(
     store: StateStore, cfg: HypervisorConfig, qemu: str, rounds: int, rng: random.Random
 ) -> list[Figure]:
-    _, sandbox = await boot_to_exec(store, cfg)
+    tmp = Path(tempfile.mkdtemp(prefix="vc-bench-save-"))
+    saving = cfg.copy()
+    saving.template.devices_state_path = str(tmp / "ours.state")
+    _, sandbox = await boot_to_exec(store, saving)
     try:
         async with bare_qemu(cfg, qemu, "floor-pause") as vm:
             await vm.wait_for(READY)
@@ -179,11 +183,24 @@ async def measure_pause(
                     return (t1 - t) * 1000, (time.perf_counter() - t1) * 1000
 
                 got, base, orders = await run_pairs(rounds, rng, ours, bare)
+                if (await sandbox.exec(["true"])).exit_code != 0:
+                    raise RuntimeError("the sandbox does not run after pause/resume")
+
+                async def ours_save() -> float:
+                    await sandbox.pause()
+                    t = time.perf_counter()
+                    await sandbox.hypervisor.save_sandbox()
+                    return (time.perf_counter() - t) * 1000
+
+                async def bare_save() -> float:
+                    await qmp.execute("stop")
+                    return await floor.save_to(qmp, tmp / "bare.state") * 1000
+
+                saved, bare_saved, save_order = await run_pairs(1, rng, ours_save, bare_save)
                 await floor.quit_and_wait(vm, qmp)
-        if (await sandbox.exec(["true"])).exit_code != 0:
-            raise RuntimeError("the sandbox does not run after pause/resume")
     finally:
         await sandbox.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
     return [
         from_pairs(
             f"{name}",
@@ -195,6 +212,17 @@ async def measure_pause(
             f"QMP {qmp_cmd} (qemu.qmp), bare QEMU",
         )
         for i, (name, qmp_cmd) in enumerate((("pause", "stop"), ("resume", "cont")))
+    ] + [
+        from_pairs(
+            "save",
+            "save a paused VM to a file",
+            "ms",
+            saved,
+            bare_saved,
+            save_order,
+            "migrate fd: to a file (qemu.qmp), bare QEMU",
+            note="one sample each (a save ends the VM's use); device state + 512 MiB RAM",
+        )
     ]
 
 

@@ -23,9 +23,11 @@ BASELINE_FIRST = "baseline-first"
 
 
 def balanced_orders(n: int, rng: random.Random) -> list[str]:
-    """``n`` pair orders: as many ours-first as baseline-first (one more of the first if ``n``
-    is odd), shuffled."""
-    orders = [OURS_FIRST if i % 2 == 0 else BASELINE_FIRST for i in range(n)]
+    """``n`` pair orders: as many ours-first as baseline-first (for an odd ``n`` the odd one
+    drawn at random), shuffled."""
+    orders = [OURS_FIRST, BASELINE_FIRST] * (n // 2)
+    if n % 2:
+        orders.append(rng.choice((OURS_FIRST, BASELINE_FIRST)))
     rng.shuffle(orders)
     return orders
 

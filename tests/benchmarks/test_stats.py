@@ -12,8 +12,15 @@ from bench.stats import BASELINE_FIRST, OURS_FIRST, balanced_orders, from_pairs,
 @pytest.mark.parametrize("n", [1, 2, 5, 6])
 def test_orders_are_balanced_and_seeded(n: int) -> None:
     orders = balanced_orders(n, random.Random(7))
-    assert orders.count(OURS_FIRST) - orders.count(BASELINE_FIRST) == n % 2
+    assert len(orders) == n
+    assert abs(orders.count(OURS_FIRST) - orders.count(BASELINE_FIRST)) == n % 2
     assert orders == balanced_orders(n, random.Random(7))
+
+
+def test_the_odd_pair_is_drawn() -> None:
+    assert {balanced_orders(1, random.Random(seed))[0] for seed in range(20)} == {
+        OURS_FIRST, BASELINE_FIRST
+    }  # fmt: skip
 
 
 def test_orders_are_shuffled() -> None:
