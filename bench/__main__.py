@@ -3,8 +3,9 @@ the peers beside us; writes results.json, results.md (Markdown tables) and a PNG
 
 Stages (``--only`` takes a comma-separated subset): lifecycle (cold start to first exec,
 stop, our CPU), exec, pause, template (clone, memory), density, throughput, images, network,
-and the peers floor (QEMU driven with qemu.qmp), libvirt, exec-sandbox, podman. A peer that
-cannot run here is skipped with its reason, printed and recorded. Pairs run in a balanced
+cli and tracing (bench/cli.py, bench/tracing.py run as scripts when present), and the
+peers floor (QEMU driven with qemu.qmp), libvirt, exec-sandbox, podman. A peer that cannot
+run here is skipped with its reason, printed and recorded. Pairs run in a balanced
 random order drawn from ``--seed`` (``bench/stats.py``); each paired figure reports its
 order effect.
 
@@ -36,7 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import density, floor, images, network, peers, report, sandbox, template, throughput
+from bench import (
+    density,
+    floor,
+    images,
+    network,
+    peers,
+    report,
+    sandbox,
+    scripts,
+    template,
+    throughput,
+)
 from bench.qemu_boot import make_config
 from bench.stats import Figure
 from virtcontainers import host
@@ -47,7 +59,7 @@ from virtcontainers.persist.store import StateStore
 HERE = Path(__file__).parent
 STAGES = (
     "lifecycle", "exec", "pause", "template", "density", "throughput", "images", "network",
-    "floor", "libvirt", "exec-sandbox", "podman",
+    "cli", "tracing", "floor", "libvirt", "exec-sandbox", "podman",
 )  # fmt: skip
 
 
@@ -66,10 +78,12 @@ class Sizes:
     net_pairs: int
     downloads: int
     peer_rounds: int
+    cli_runs: int
+    tracing_rounds: int
 
 
-FULL = Sizes(4, 200, 20, 4, 2, 16, 60, 8, 2, 3, 2, 3, 2)
-QUICK = Sizes(2, 20, 4, 2, 1, 2, 30, 4, 2, 2, 2, 2, 1)
+FULL = Sizes(4, 200, 20, 4, 2, 16, 60, 8, 2, 3, 2, 3, 2, 10, 10)
+QUICK = Sizes(2, 20, 4, 2, 1, 2, 30, 4, 2, 2, 2, 2, 1, 3, 3)
 
 
 def uptime() -> str:
@@ -158,6 +172,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def net() -> None:
             r.add(await network.measure(cfg, store, s.net_pairs, s.downloads, s.execs, r.rng))
 
+        async def cli() -> None:
+            if not scripts.present("cli.py"):
+                print("   skipped: bench/cli.py is not in this checkout")
+                return
+            r.add(await asyncio.to_thread(scripts.cli, s.cli_runs, max(40, s.execs // 2)))
+
+        async def traced() -> None:
+            if not scripts.present("tracing.py"):
+                print("   skipped: bench/tracing.py is not in this checkout")
+                return
+            r.add(await asyncio.to_thread(scripts.tracing, s.tracing_rounds, 20))
+
         async def qemu_floor() -> None:
             rounds = [await floor.operations(cfg, qemu) for _ in range(s.peer_rounds)]
             r.peer(
@@ -184,7 +210,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, body in zip(
             STAGES,
             (lifecycle, exec_rtt, pause, templates, dense, rate, image_figures, net,
-             qemu_floor, libvirt, exec_sandbox, podman),
+             cli, traced, qemu_floor, libvirt, exec_sandbox, podman),
             strict=True,
         ):  # fmt: skip
             await r.stage(name, body)

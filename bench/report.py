@@ -89,7 +89,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         label = "virtcontainers" if name == "ours" else name
         right.bar(xs, [v if v > 0 else float("nan") for v in values], width, label=label)
     right.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["op"] for r in rows])
-    right.set_yscale("log")
+    if any((r.get(name) or 0) > 0 for r in rows for name in series):
+        right.set_yscale("log")  # else (a run without the peers' stages) nothing to scale
     right.set_ylabel("ms")
     right.set_title("peers, same run")
     right.legend(fontsize=8)

@@ -20,7 +20,7 @@ resolve a cost of microseconds; the bench therefore also times the span machiner
 The variants switch by pointing ``telemetry.tracing``'s tracer at a no-op or an SDK tracer
 between calls (the global provider can be set once per process).
 
-Usage: .venv/bin/python bench/tracing.py [--rounds 30] [--per-round 20]
+Usage: .venv/bin/python -m bench.tracing [--rounds 30] [--per-round 20]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from qemu_boot import make_config  # type: ignore[import-not-found]
+from bench.qemu_boot import make_config
 from virtcontainers import Sandbox, host
 from virtcontainers.guest.image import build_image
 from virtcontainers.persist.store import StateStore
