@@ -7,8 +7,9 @@ exec`` talks to a sandbox server) do not pay for the drivers, the config tree an
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from virtcontainers._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from virtcontainers.config import HypervisorConfig, Param
@@ -87,17 +88,4 @@ _HOMES = {
     "virtcontainers.sandbox": ("Sandbox", "SandboxInfo"),
     "virtcontainers.sync": ("SyncSandbox",),
 }  # fmt: skip
-_WHERE = {name: module for module, names in _HOMES.items() for name in names}
-
-
-def __getattr__(name: str) -> object:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'virtcontainers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)

@@ -17,7 +17,6 @@ agent's, so it raises :class:`~virtcontainers.errors.ConfigError` naming the arg
 from __future__ import annotations
 
 import asyncio
-import errno as errno_mod
 import logging
 import os
 import secrets
@@ -31,9 +30,9 @@ from virtcontainers.agent.protocol import (
     CHUNK,
     INITIAL_WINDOW,
     PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
     SYNC_PREAMBLE,
-    ErrorCode,
+    AgentRequestError,
+    ExitStatus,
     Fields,
     Flag,
     Frame,
@@ -42,8 +41,15 @@ from virtcontainers.agent.protocol import (
     MountFlag,
     Tag,
     encode_frame,
+    error_reply,
+    exec_request,
+    exit_status,
+    incompatible,
+    path_item,
+    text_item,
     tlv,
     tlv_encode,
+    uint_item,
 )
 from virtcontainers.agent.transport import (
     StreamPair,
@@ -82,44 +88,12 @@ class VersionInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class ExitStatus:
-    """How an exec ended: ``exit_code`` for a normal exit, ``signal`` when killed."""
-
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool = False
-
-    @property
-    def shell_code(self) -> int:
-        """A shell-style exit code: 128 + the signal when killed."""
-        if self.signal is not None:
-            return 128 + self.signal
-        return self.exit_code if self.exit_code is not None else 1
-
-
-@dataclass(frozen=True, slots=True)
 class ExecResult:
     exit_code: int | None
     signal: int | None
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
-
-
-class AgentRequestError(AgentError):
-    """The agent answered a request with an error reply."""
-
-    def __init__(self, operation: str, code: int, message: str, errno: int | None) -> None:
-        self.operation = operation
-        self.code = code
-        self.message = message
-        self.errno = errno
-        try:
-            name = ErrorCode(code).name
-        except ValueError:
-            name = str(code)
-        errname = f" [{errno_mod.errorcode.get(errno, errno)}]" if errno else ""
-        super().__init__(f"{operation}: {message} ({name}{errname})")
 
 
 @dataclass(slots=True)
@@ -167,12 +141,7 @@ class ExecProcess:
             self._stdin_credit += int.from_bytes(frame.payload, "big")
             self._credit_changed.set()
         elif frame.type == FrameType.EXIT:
-            fields = Fields(frame.payload)
-            self._status = ExitStatus(
-                exit_code=fields.opt_uint(Tag.EXIT_CODE),
-                signal=fields.opt_uint(Tag.SIGNAL),
-                timed_out=bool(fields.uint(Tag.TIMED_OUT, 0)),
-            )
+            self._status = exit_status(frame.payload)
             self._wakeup.set()
             self._credit_changed.set()
 
@@ -345,7 +314,7 @@ class AgentClient:
             agent_version=fields.text(Tag.AGENT_VERSION),
         )
         if info.protocol_major != PROTOCOL_MAJOR:
-            raise _incompatible(info.protocol_major, info.protocol_minor)
+            raise incompatible(info.protocol_major, info.protocol_minor)
         return info
 
     async def exec(
@@ -429,50 +398,11 @@ class AgentClient:
             ConfigError: input the wire cannot carry (names the argument).
             AgentRequestError: the agent refused (EXEC: the failing step and errno).
         """
-        if not argv:
-            raise ConfigError("argv must not be empty: name the program to run", field="argv")
-        items = [_text(Tag.ARG, "argv", a) for a in argv]
-        if env is not None:
-            items.append(tlv(Tag.CLEAR_ENV, 1, 1))
-            for key, value in env.items():
-                if not key or "=" in key:
-                    raise ConfigError(
-                        f"environment variable name {key!r} must be non-empty and without '='",
-                        field="env",
-                    )
-                items.append(_text(Tag.ENV, "env", f"{key}={value}"))
-        if cwd is not None:
-            items.append(_text(Tag.CWD, "cwd", cwd))
-        if uid is not None:
-            items.append(_uint(Tag.UID, "uid", uid, 4))
-        if gid is not None:
-            items.append(_uint(Tag.GID, "gid", gid, 4))
-        if tty:
-            items.append(tlv(Tag.TTY, 1, 1))
-            if tty_size is not None:
-                items += [_uint(Tag.ROWS, "tty_size", tty_size[0], 4)]
-                items += [_uint(Tag.COLS, "tty_size", tty_size[1], 4)]
-        if timeout is not None:
-            if not timeout > 0:
-                raise ConfigError(f"timeout must be positive, got {timeout!r}", field="timeout")
-            items.append(_uint(Tag.TIMEOUT_MS, "timeout", max(1, round(timeout * 1000)), 4))
-        if no_stdin:
-            items.append(tlv(Tag.NO_STDIN, 1, 1))
-        if groups:
-            if gid is None:
-                raise ConfigError("supplementary groups need a gid", field="groups")
-            for g in groups:
-                _uint(Tag.GID, "groups", g, 4)  # range check
-            items.append(_text(Tag.GROUPS, "groups", ",".join(str(int(g)) for g in groups)))
-        if rlimits:
-            for res, soft, hard in rlimits:
-                for number in (res, soft, hard):
-                    _uint(Tag.OFFSET, "rlimits", number, 8)  # range check
-            text = ",".join(f"{r}:{s}:{h}" for r, s, h in rlimits)
-            items.append(_text(Tag.RLIMITS, "rlimits", text))
-        if umask is not None:
-            items.append(_uint(Tag.UMASK, "umask", umask, 4))
-        items += extra_items
+        payload = exec_request(
+            argv, env, cwd, uid, gid, tty, timeout,
+            no_stdin=no_stdin, tty_size=tty_size, extra_items=extra_items,
+            groups=groups, rlimits=rlimits, umask=umask,
+        )  # fmt: skip
         started: list[ExecProcess] = []
 
         def register(fields: Fields) -> None:
@@ -481,16 +411,17 @@ class AgentClient:
             self._procs[proc.exec_id] = proc
             started.append(proc)
 
-        await self._call(
-            FrameType.EXEC, tlv_encode(items), f"exec {argv[0]!r}", request_timeout, register
-        )
+        await self._call(FrameType.EXEC, payload, f"exec {argv[0]!r}", request_timeout, register)
         return started[0]
 
     async def signal(
         self, exec_id: int, sig: int, *, group: bool = False, timeout: float | None = None
     ) -> None:
         """Send signal ``sig`` to exec ``exec_id`` (its process group with ``group=True``)."""
-        items = [_uint(Tag.EXEC_ID, "exec_id", exec_id, 4), _uint(Tag.SIGNAL, "signal", sig, 4)]
+        items = [
+            uint_item(Tag.EXEC_ID, "exec_id", exec_id, 4),
+            uint_item(Tag.SIGNAL, "signal", sig, 4),
+        ]
         if group:
             items.append(tlv(Tag.GROUP, 1, 1))
         await self._call(FrameType.SIGNAL, tlv_encode(items), "signal", timeout)
@@ -523,11 +454,11 @@ class AgentClient:
         """
         if not target.startswith("/"):
             raise ConfigError(f"mount target {target!r} must be absolute", field="target")
-        items = [_path(target), _uint(Tag.MOUNT_FLAGS, "flags", int(flags), 4)]
+        items = [path_item(target), uint_item(Tag.MOUNT_FLAGS, "flags", int(flags), 4)]
         for tag, name, value in ((Tag.SOURCE, "source", source), (Tag.FSTYPE, "fstype", fstype),
                                  (Tag.MOUNT_DATA, "data", data)):  # fmt: skip
             if value:
-                items.append(_text(tag, name, value))
+                items.append(text_item(tag, name, value))
         await self._call(FrameType.MOUNT, tlv_encode(items), f"mount {target}", timeout)
 
     async def write_file(
@@ -548,7 +479,7 @@ class AgentClient:
         applies per chunk.
         """
         op = f"write_file {path}"
-        head = [_path(path), _uint(Tag.MODE, "mode", mode, 4)]
+        head = [path_item(path), uint_item(Tag.MODE, "mode", mode, 4)]
         if not atomic:
             head.append(tlv(Tag.DIRECT, 1, 1))
         if parents:
@@ -583,7 +514,7 @@ class AgentClient:
             while True:
                 while len(window) < _PIPELINE:
                     items = [
-                        _path(path),
+                        path_item(path),
                         tlv(Tag.OFFSET, offset, 8),
                         tlv(Tag.LENGTH, CHUNK, 4),
                     ]
@@ -700,7 +631,7 @@ class AgentClient:
         finally:
             self._discard(pending)
         if frame.type == FrameType.ERROR:
-            raise _error_reply(pending.op, frame)
+            raise error_reply(pending.op, frame)
         return Fields(frame.payload)
 
     def _discard(self, pending: _Pending) -> None:
@@ -759,7 +690,7 @@ class AgentClient:
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.version != PROTOCOL_MAJOR:
-            self._fail_all(_incompatible(frame.version, None))
+            self._fail_all(incompatible(frame.version, None))
             return
         if frame.type in (FrameType.OK, FrameType.ERROR):
             pending = self._pending.get(frame.id)
@@ -801,47 +732,6 @@ class AgentClient:
         self._procs.clear()
 
 
-def _text(tag: Tag, field: str, value: str) -> tuple[int, bytes]:
-    """A string TLV, or ConfigError naming ``field``: the agent takes C strings (no NUL) in
-    UTF-8, so such input is refused here instead of failing (or being cut) in the guest."""
-    if "\0" in value:
-        raise ConfigError(f"{field} must not contain NUL characters: {value!r}", field=field)
-    try:
-        return tag, value.encode()
-    except UnicodeEncodeError as exc:
-        raise ConfigError(f"{field} is not encodable as UTF-8: {value!r}", field=field) from exc
-
-
-def _path(path: str) -> tuple[int, bytes]:
-    if not path:
-        raise ConfigError("path must not be empty", field="path")
-    return _text(Tag.PATH, "path", path)
-
-
-def _uint(tag: Tag, field: str, value: int, width: int) -> tuple[int, bytes]:
-    """An unsigned TLV of ``width`` bytes, or ConfigError naming ``field`` and the range."""
-    high = (1 << (8 * width)) - 1
-    if isinstance(value, bool) or not 0 <= int(value) <= high:
-        raise ConfigError(f"{field} must be an integer in [0, {high}], got {value!r}", field=field)
-    return tlv(tag, int(value), width)
-
-
 async def _feed(proc: ExecProcess, data: bytes) -> None:
     await proc.write_stdin(data)
     await proc.close_stdin()
-
-
-def _incompatible(major: int, minor: int | None) -> AgentError:
-    theirs = f"{major}" if minor is None else f"{major}.{minor}"
-    return AgentError(
-        f"incompatible agent protocol: agent speaks version {theirs}, "
-        f"client speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
-    )
-
-
-def _error_reply(op: str, frame: Frame) -> AgentError:
-    fields = Fields(frame.payload)
-    code = fields.uint(Tag.ERR_CODE, 0)
-    if code == ErrorCode.BAD_VERSION:
-        return _incompatible(fields.uint(Tag.PROTO_MAJOR, 0), fields.opt_uint(Tag.PROTO_MINOR))
-    return AgentRequestError(op, code, fields.text(Tag.MESSAGE), fields.opt_uint(Tag.ERRNO))

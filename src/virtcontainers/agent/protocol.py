@@ -15,15 +15,17 @@ This module is pure (no I/O) so the codec can be tested byte by byte.
 
 from __future__ import annotations
 
+import errno as errno_mod
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-from virtcontainers.errors import AgentError
+from virtcontainers.errors import AgentError, ConfigError
 
 __all__ = [
+    "AgentRequestError",
     "CHUNK",
     "HEADER_SIZE",
     "INITIAL_WINDOW",
@@ -33,6 +35,7 @@ __all__ = [
     "PROTOCOL_MINOR",
     "SYNC_PREAMBLE",
     "ErrorCode",
+    "ExitStatus",
     "Fields",
     "Flag",
     "Frame",
@@ -41,9 +44,16 @@ __all__ = [
     "MountFlag",
     "Tag",
     "encode_frame",
+    "error_reply",
+    "exec_request",
+    "exit_status",
+    "incompatible",
+    "path_item",
+    "text_item",
     "tlv",
     "tlv_decode",
     "tlv_encode",
+    "uint_item",
 ]
 
 MAGIC = b"VCAG"
@@ -324,3 +334,152 @@ class Fields:
     def text(self, tag: Tag, default: str = "") -> str:
         value = self._last.get(tag)
         return default if value is None else value.decode(errors="replace")
+
+
+# -- requests and replies both clients (async and blocking) build and read ----------------
+
+
+def text_item(tag: Tag, field: str, value: str) -> tuple[int, bytes]:
+    """A string TLV, or ConfigError naming ``field``: the agent takes C strings (no NUL) in
+    UTF-8, so such input is refused here instead of failing (or being cut) in the guest."""
+    if "\0" in value:
+        raise ConfigError(f"{field} must not contain NUL characters: {value!r}", field=field)
+    try:
+        return tag, value.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{field} is not encodable as UTF-8: {value!r}", field=field) from exc
+
+
+def path_item(path: str) -> tuple[int, bytes]:
+    """A PATH TLV; ConfigError for an empty path (see :func:`text_item`)."""
+    if not path:
+        raise ConfigError("path must not be empty", field="path")
+    return text_item(Tag.PATH, "path", path)
+
+
+def uint_item(tag: Tag, field: str, value: int, width: int) -> tuple[int, bytes]:
+    """An unsigned TLV of ``width`` bytes, or ConfigError naming ``field`` and the range."""
+    high = (1 << (8 * width)) - 1
+    if isinstance(value, bool) or not 0 <= int(value) <= high:
+        raise ConfigError(f"{field} must be an integer in [0, {high}], got {value!r}", field=field)
+    return tlv(tag, int(value), width)
+
+
+def exec_request(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
+    uid: int | None = None, gid: int | None = None, tty: bool = False,
+    timeout: float | None = None, *, no_stdin: bool = False,
+    tty_size: tuple[int, int] | None = None, extra_items: Sequence[tuple[int, bytes]] = (),
+    groups: Sequence[int] = (), rlimits: Sequence[tuple[int, int, int]] = (),
+    umask: int | None = None,
+) -> bytes:  # fmt: skip
+    """The payload of an EXEC request (``AgentClient.exec_stream`` documents the arguments).
+
+    Raises:
+        ConfigError: input the wire cannot carry (an empty argv, NUL or non-UTF-8 text,
+            integers out of range, a non-positive timeout), naming the argument.
+    """
+    if not argv:
+        raise ConfigError("argv must not be empty: name the program to run", field="argv")
+    items = [text_item(Tag.ARG, "argv", a) for a in argv]
+    if env is not None:
+        items.append(tlv(Tag.CLEAR_ENV, 1, 1))
+        for key, value in env.items():
+            if not key or "=" in key:
+                raise ConfigError(
+                    f"environment variable name {key!r} must be non-empty and without '='",
+                    field="env",
+                )
+            items.append(text_item(Tag.ENV, "env", f"{key}={value}"))
+    if cwd is not None:
+        items.append(text_item(Tag.CWD, "cwd", cwd))
+    if uid is not None:
+        items.append(uint_item(Tag.UID, "uid", uid, 4))
+    if gid is not None:
+        items.append(uint_item(Tag.GID, "gid", gid, 4))
+    if tty:
+        items.append(tlv(Tag.TTY, 1, 1))
+        if tty_size is not None:
+            items += [uint_item(Tag.ROWS, "tty_size", tty_size[0], 4)]
+            items += [uint_item(Tag.COLS, "tty_size", tty_size[1], 4)]
+    if timeout is not None:
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be positive, got {timeout!r}", field="timeout")
+        items.append(uint_item(Tag.TIMEOUT_MS, "timeout", max(1, round(timeout * 1000)), 4))
+    if no_stdin:
+        items.append(tlv(Tag.NO_STDIN, 1, 1))
+    if groups:
+        if gid is None:
+            raise ConfigError("supplementary groups need a gid", field="groups")
+        for g in groups:
+            uint_item(Tag.GID, "groups", g, 4)  # range check
+        items.append(text_item(Tag.GROUPS, "groups", ",".join(str(int(g)) for g in groups)))
+    if rlimits:
+        for res, soft, hard in rlimits:
+            for number in (res, soft, hard):
+                uint_item(Tag.OFFSET, "rlimits", number, 8)  # range check
+        text = ",".join(f"{r}:{s}:{h}" for r, s, h in rlimits)
+        items.append(text_item(Tag.RLIMITS, "rlimits", text))
+    if umask is not None:
+        items.append(uint_item(Tag.UMASK, "umask", umask, 4))
+    return tlv_encode([*items, *extra_items])
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How an exec ended: ``exit_code`` for a normal exit, ``signal`` when killed."""
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool = False
+
+    @property
+    def shell_code(self) -> int:
+        """A shell-style exit code: 128 + the signal when killed."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 1
+
+
+def exit_status(payload: bytes) -> ExitStatus:
+    """The status an EXIT frame carries. Raises ``AgentError`` for a malformed payload."""
+    fields = Fields(payload)
+    return ExitStatus(
+        exit_code=fields.opt_uint(Tag.EXIT_CODE),
+        signal=fields.opt_uint(Tag.SIGNAL),
+        timed_out=bool(fields.uint(Tag.TIMED_OUT, 0)),
+    )
+
+
+class AgentRequestError(AgentError):
+    """The agent answered a request with an error reply."""
+
+    def __init__(self, operation: str, code: int, message: str, errno: int | None) -> None:
+        self.operation = operation
+        self.code = code
+        self.message = message
+        self.errno = errno
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = str(code)
+        errname = f" [{errno_mod.errorcode.get(errno, errno)}]" if errno else ""
+        super().__init__(f"{operation}: {message} ({name}{errname})")
+
+
+def incompatible(major: int, minor: int | None) -> AgentError:
+    """The error for an agent speaking another protocol major version."""
+    theirs = f"{major}" if minor is None else f"{major}.{minor}"
+    return AgentError(
+        f"incompatible agent protocol: agent speaks version {theirs}, "
+        f"client speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+    )
+
+
+def error_reply(op: str, frame: Frame) -> AgentError:
+    """An ERROR reply to request ``op`` as the error to raise."""
+    fields = Fields(frame.payload)
+    code = fields.uint(Tag.ERR_CODE, 0)
+    if code == ErrorCode.BAD_VERSION:
+        return incompatible(fields.uint(Tag.PROTO_MAJOR, 0), fields.opt_uint(Tag.PROTO_MINOR))
+    return AgentRequestError(op, code, fields.text(Tag.MESSAGE), fields.opt_uint(Tag.ERRNO))
