@@ -1,4 +1,5 @@
-"""Options shared by ``vc run`` and ``vc create``, and the config they build."""
+"""Options shared by several commands (``vc run`` and ``vc create``: the sandbox to make,
+and the config it builds), and what they turn into."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def _compose(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 _PATH = click.Path(path_type=Path)
+
+sandbox_id_argument = click.argument("sandbox_id", help="The sandbox id (see `vc ps`).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 #: ``virtcontainers.network.DEFAULT_TAP_RANGE`` (a literal here: this module stays light;
 #: a unit test pins the two equal).

@@ -1,24 +1,26 @@
 """Processes in a running sandbox: exec, top, attach, kill.
 
-These go to the sandbox's server; `vc exec` without a server (it died) reattaches directly.
-Imports are made inside the commands: `vc exec` must not pay for the drivers, configs or
-rich (see bench/cli.py).
+These talk to the sandbox's server over a blocking connection
+(:mod:`virtcontainers.server.sync_client`): no asyncio, no sandbox layer, so `vc exec`
+starts fast (bench/cli.py). Only `vc exec` on a sandbox without a server (a library ran it
+in-process and died) reattaches directly, through the async sandbox layer.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import closing
 from typing import TYPE_CHECKING
 
 import click
 
 from virtcontainers.cli import options
-from virtcontainers.cli.sandboxes import _run, json_option, sandbox_id_argument
+from virtcontainers.cli.options import json_option, sandbox_id_argument
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
-    from virtcontainers.server.client import ServerClient
+    from virtcontainers.server.sync_client import ServerConnection
 
 
 @click.command(name="exec", context_settings={"allow_interspersed_args": False})
@@ -55,31 +57,28 @@ def exec_(
     argv = list(command[1:] if command[:1] == ("--",) else command)
     how = _exec_process(sandbox_id, options.env_items(env), workdir, user)
 
-    async def go() -> int:
-        from virtcontainers.agent.client import AgentRequestError
-        from virtcontainers.cli.streams import exec_failed, follow, terminal_size
+    connection = _connect(sandbox_id)
+    if connection is None:  # no server (it died): reattach directly
+        import asyncio
 
-        client = await _server_client(sandbox_id)
-        if client is None:  # no server (it died): reattach directly
-            return await _direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
-                                      detach=detach, how=how)  # fmt: skip
+        sys.exit(asyncio.run(_direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
+                                          detach=detach, how=how)))  # fmt: skip
+    from virtcontainers.agent.protocol import AgentRequestError
+    from virtcontainers.cli.streams import exec_failed, follow_blocking, terminal_size
+
+    with closing(connection):
         try:
-            size = terminal_size() if tty else None
-            try:
-                proc = await client.exec_stream(
-                    argv, how.env, how.cwd, how.uid, how.gid, tty=tty, tty_size=size,
-                    keep=detach, no_stdin=detach and not interactive,
-                )  # fmt: skip
-            except AgentRequestError as exc:
-                return exec_failed(exc)
-            if detach:
-                print(proc.pid)
-                return 0
-            return await follow(proc, tty=tty, interactive=interactive)
-        finally:
-            await client.close()
-
-    sys.exit(_run(go()))
+            proc = connection.start_exec(
+                argv, env=how.env, cwd=how.cwd, uid=how.uid, gid=how.gid, tty=tty,
+                tty_size=terminal_size() if tty else None, keep=detach,
+                no_stdin=detach and not interactive,
+            )  # fmt: skip
+        except AgentRequestError as exc:
+            sys.exit(exec_failed(exc))
+        if detach:
+            print(proc.pid)
+            sys.exit(0)
+        sys.exit(follow_blocking(proc, tty=tty, interactive=interactive))
 
 
 class _ExecHow:
@@ -131,29 +130,46 @@ async def _direct_exec(
         await sandbox.close()
 
 
-async def _server_client(sandbox_id: str) -> ServerClient | None:
-    """A connection to the sandbox's server, found without loading the sandbox layer."""
+def _connect(sandbox_id: str) -> ServerConnection | None:
+    """A connection to the sandbox's server, found without loading the sandbox layer;
+    ``None`` when none answers."""
     from virtcontainers.errors import AgentError
     from virtcontainers.persist.store import StateStore
-    from virtcontainers.server.client import ServerClient, socket_path
+    from virtcontainers.server.sync_client import ServerConnection
 
-    run_dir = StateStore().sandbox_dir(sandbox_id)
-    if not socket_path(run_dir).exists():
-        return None
     try:
-        return await ServerClient.connect(run_dir)
+        return ServerConnection.connect(StateStore().sandbox_dir(sandbox_id))
     except AgentError:
         return None
 
 
-async def _require_server(sandbox_id: str) -> ServerClient:
-    client = await _server_client(sandbox_id)
-    if client is None:
+def _require_server(sandbox_id: str) -> ServerConnection:
+    """A connection to the sandbox's server.
+
+    Raises:
+        StoreError: no such sandbox.
+        StateError: it has no server (not running, or run in a library process).
+    """
+    connection = _connect(sandbox_id)
+    if connection is None:
+        import asyncio
+
         from virtcontainers.sandbox import Sandbox
 
-        sandbox = await Sandbox.attach(sandbox_id)  # StoreError for an unknown id
-        return await sandbox.server_client()  # StateError: no server
-    return client
+        async def why() -> None:
+            sandbox = await Sandbox.attach(sandbox_id)  # StoreError for an unknown id
+            try:
+                await sandbox.server_client()  # StateError: no server
+            finally:
+                await sandbox.close()
+
+        asyncio.run(why())
+        connection = _connect(sandbox_id)  # it has just come up
+        if connection is None:
+            from virtcontainers.errors import AgentError
+
+            raise AgentError(f"the server of sandbox {sandbox_id} does not answer")
+    return connection
 
 
 @click.command()
@@ -162,14 +178,8 @@ async def _require_server(sandbox_id: str) -> ServerClient:
 def top(sandbox_id: str, as_json: bool) -> None:
     """List the processes started in the sandbox through its agent (`vc exec`, `vc run`)."""
 
-    async def go() -> object:
-        client = await _require_server(sandbox_id)
-        try:
-            return await client.call("processes")
-        finally:
-            await client.close()
-
-    procs = _run(go())
+    with closing(_require_server(sandbox_id)) as connection:
+        procs = connection.call("processes")
     if as_json or not isinstance(procs, list):
         print(json.dumps(procs, indent=2))
         return
@@ -196,19 +206,13 @@ def attach(sandbox_id: str, pid: int) -> None:
     """Reconnect to a process started with `vc exec -d`: its output so far (the latest
     256 KiB), then live; stdin is forwarded. Exits with its exit code."""
 
-    async def go() -> int:
-        from virtcontainers.cli.streams import follow
+    from virtcontainers.cli.streams import follow_blocking
 
-        client = await _require_server(sandbox_id)
-        try:
-            procs = await client.call("processes")
-            tty = isinstance(procs, list) and any(p["pid"] == pid and p["tty"] for p in procs)
-            proc = await client.attach(pid)
-            return await follow(proc, tty=tty, interactive=True)
-        finally:
-            await client.close()
-
-    sys.exit(_run(go()))
+    with closing(_require_server(sandbox_id)) as connection:
+        procs = connection.call("processes")
+        tty = isinstance(procs, list) and any(p["pid"] == pid and p["tty"] for p in procs)
+        proc = connection.attach(pid)
+        sys.exit(follow_blocking(proc, tty=tty, interactive=True))
 
 
 @click.command()
@@ -225,11 +229,5 @@ def kill(sandbox_id: str, pid: int, sig: str) -> None:
     except KeyError:
         raise ConfigError(f"unknown signal {sig!r}", field="SIGNAL") from None
 
-    async def go() -> object:
-        client = await _require_server(sandbox_id)
-        try:
-            return await client.call("kill", pid=pid, signal=number)
-        finally:
-            await client.close()
-
-    _run(go())
+    with closing(_require_server(sandbox_id)) as connection:
+        connection.call("kill", pid=pid, signal=number)

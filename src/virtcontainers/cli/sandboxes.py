@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from virtcontainers.cli import options
+from virtcontainers.cli.options import json_option, sandbox_id_argument
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
     from virtcontainers.sandbox import Sandbox
 
 T = TypeVar("T")
-sandbox_id_argument = click.argument("sandbox_id", help="The sandbox id (see `vc ps`).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 def _emit(data: object, as_json: bool, human: str) -> None:

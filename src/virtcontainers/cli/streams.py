@@ -8,23 +8,29 @@ terminal, SIGINT/SIGTERM received by ``vc`` are forwarded to the guest process g
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
+import select
 import signal
+import socket
 import stat
 import sys
 import termios
 import tty as tty_mod
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from virtcontainers.agent.client import ExecProcess, ExitStatus, Stream
+from virtcontainers.agent.protocol import CHUNK, FrameType
 
-if TYPE_CHECKING:
-    from virtcontainers.agent.client import AgentRequestError
+if TYPE_CHECKING:  # asyncio and the async client only for `vc run` and the direct path
+    import asyncio
+
+    from virtcontainers.agent.client import ExecProcess
+    from virtcontainers.agent.protocol import AgentRequestError, ExitStatus
     from virtcontainers.sandbox import Sandbox
+    from virtcontainers.server.sync_client import RemoteProcess
 
 
 def exit_code(status: ExitStatus) -> int:
@@ -59,7 +65,7 @@ async def stream_exec(
     a terminal (or with ``interactive``). Returns a shell-style exit code; a program that
     cannot be started gives docker's codes: 127 when it is not found, else 126, with the
     agent's message (naming the program) on stderr."""
-    from virtcontainers.agent.client import AgentRequestError
+    from virtcontainers.agent.protocol import AgentRequestError
 
     size = terminal_size() if tty else None
     try:
@@ -78,51 +84,76 @@ def exec_failed(exc: AgentRequestError) -> int:
 
     if exc.code != ErrorCode.EXEC:
         raise exc
-    from rich.console import Console
-    from rich.markup import escape
+    import click
 
-    Console(stderr=True).print(
-        f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True
-    )
+    click.echo(f"{click.style('error:', fg='red', bold=True)} {exc.message}", err=True)
     return 127 if exc.errno == errno.ENOENT and exc.message.startswith("execve") else 126
+
+
+@dataclass(frozen=True)
+class _Mode:
+    #: our stdin goes to the process
+    forward: bool
+    #: our terminal is in raw mode (keys, Ctrl-C included, go to the guest's pty)
+    raw: bool
+
+
+@contextlib.contextmanager
+def _terminal(*, tty: bool, interactive: bool) -> Iterator[_Mode]:
+    """How to connect our terminal to the process; raw mode while it runs, when ``tty``
+    and our stdin is a terminal that is forwarded."""
+    stdin_is_tty = sys.stdin is not None and sys.stdin.isatty()
+    forward = interactive or not stdin_is_tty
+    mode = _Mode(forward, tty and stdin_is_tty and forward)
+    saved = termios.tcgetattr(0) if mode.raw else None
+    try:
+        if saved is not None:
+            tty_mod.setraw(0)
+        yield mode
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _handled_signals(mode: _Mode) -> tuple[signal.Signals, ...]:
+    """SIGWINCH (forwarded as a resize) in raw mode, else SIGINT/SIGTERM (forwarded to the
+    guest process group)."""
+    return (signal.SIGWINCH,) if mode.raw else (signal.SIGINT, signal.SIGTERM)
 
 
 async def follow(proc: ExecProcess, *, tty: bool, interactive: bool) -> int:
     """Stream a started (or attached) process to our terminal until it exits."""
-    stdin_is_tty = sys.stdin.isatty()
-    forward = interactive or not stdin_is_tty
-    raw = tty and stdin_is_tty and forward
+    import asyncio
+
+    from virtcontainers.agent.client import Stream
+
     loop = asyncio.get_running_loop()
-    saved = termios.tcgetattr(0) if raw else None
     feeder: asyncio.Task[None] | None = None
     handled: list[signal.Signals] = []
-    try:
-        if saved is not None:
-            tty_mod.setraw(0)
-            loop.add_signal_handler(signal.SIGWINCH, _resize_soon, proc)
-            handled.append(signal.SIGWINCH)
-        else:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, _signal_soon, proc, sig)
+    with _terminal(tty=tty, interactive=interactive) as mode:
+        try:
+            for sig in _handled_signals(mode):
+                if sig == signal.SIGWINCH:
+                    loop.add_signal_handler(sig, _resize_soon, proc)
+                else:
+                    loop.add_signal_handler(sig, _signal_soon, proc, sig)
                 handled.append(sig)
-        if forward:
-            feeder = asyncio.create_task(_feed_stdin(proc))
-        else:
-            await proc.close_stdin()
-        async for stream, data in proc:
-            out = sys.stdout.buffer if stream is Stream.STDOUT else sys.stderr.buffer
-            out.write(data)
-            out.flush()
-        status = await proc.wait()
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if saved is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-        if feeder is not None:
-            feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await feeder
+            if mode.forward:
+                feeder = asyncio.create_task(_feed_stdin(proc))
+            else:
+                await proc.close_stdin()
+            async for stream, data in proc:
+                out = sys.stdout.buffer if stream is Stream.STDOUT else sys.stderr.buffer
+                out.write(data)
+                out.flush()
+            status = await proc.wait()
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await feeder
     return exit_code(status)
 
 
@@ -130,6 +161,8 @@ _background: set[asyncio.Task[None]] = set()
 
 
 def _later(coro: Coroutine[object, object, None]) -> None:
+    import asyncio
+
     task = asyncio.ensure_future(coro)
     _background.add(task)
     task.add_done_callback(_background.discard)
@@ -153,6 +186,8 @@ async def _quietly(work: Awaitable[None]) -> None:
 
 
 async def _feed_stdin(proc: ExecProcess) -> None:
+    import asyncio
+
     fd = sys.stdin.fileno()
     if stat.S_ISREG(os.fstat(fd).st_mode):  # epoll refuses files, and their reads never block
         while chunk := await asyncio.to_thread(os.read, fd, 65536):
@@ -175,6 +210,8 @@ async def _feed_stdin(proc: ExecProcess) -> None:
 
 
 async def _readable(fd: int) -> None:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -188,3 +225,97 @@ async def _readable(fd: int) -> None:
         await ready
     finally:
         loop.remove_reader(fd)
+
+
+# -- the same over a blocking server connection (vc exec, vc attach) ------------------------
+
+
+def follow_blocking(proc: RemoteProcess, *, tty: bool, interactive: bool) -> int:
+    """:func:`follow` without asyncio: one ``poll`` over the server connection, our stdin
+    and a signal wake-up socket, in this thread."""
+    connection = proc.connection
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    with _terminal(tty=tty, interactive=interactive) as mode, wake_r, wake_w:
+        handled = _handled_signals(mode)
+        previous = {sig: signal.signal(sig, _note_signal) for sig in handled}
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        try:
+            stdin_open = mode.forward
+            if not stdin_open:
+                proc.close_stdin()
+            poller = select.poll()
+            poller.register(connection.fileno(), select.POLLIN)
+            poller.register(wake_r.fileno(), select.POLLIN)
+            polling_stdin = False
+            output_open = True
+            while proc.status is None:
+                want_stdin = stdin_open and proc.stdin_credit > 0
+                if want_stdin and not polling_stdin:
+                    poller.register(0, select.POLLIN)
+                elif polling_stdin and not want_stdin:
+                    poller.unregister(0)
+                polling_stdin = want_stdin
+                ready = [] if connection.has_queued else poller.poll()
+                if connection.has_queued or any(fd == connection.fileno() for fd, _ in ready):
+                    for frame in connection.receive():
+                        out = proc.on_frame(frame)
+                        if out is not None and output_open:
+                            output_open = _write(out[0], out[1], proc)
+                for fd, events in ready:
+                    if fd == wake_r.fileno():
+                        for number in wake_r.recv(64):
+                            _forward_signal(proc, number)
+                    elif fd == 0:
+                        stdin_open = _copy_stdin(proc, events)
+                        if not stdin_open:
+                            poller.unregister(0)
+                            polling_stdin = False
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    assert proc.status is not None
+    return exit_code(proc.status)
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    """The handler: the signal number reaches the loop through the wake-up socket."""
+
+
+def _forward_signal(proc: RemoteProcess, number: int) -> None:
+    if number == signal.SIGWINCH:
+        size = terminal_size()
+        if size is not None:
+            proc.resize(*size)
+    elif number in (signal.SIGINT, signal.SIGTERM):
+        proc.signal(number, group=True)
+
+
+def _copy_stdin(proc: RemoteProcess, events: int) -> bool:
+    """One read of our stdin into the process (within its credit); False at its end."""
+    if not events & select.POLLNVAL:
+        try:
+            chunk = os.read(0, min(CHUNK, proc.stdin_credit))
+        except BlockingIOError:
+            return True
+        if chunk:
+            proc.write_stdin(chunk)
+            return True
+    proc.close_stdin()
+    return False
+
+
+def _write(stream: FrameType, data: bytes, proc: RemoteProcess) -> bool:
+    """Copy output to ours; when our reader went away (``vc exec ... | head``), the guest
+    process gets SIGPIPE, as it would in a local pipeline. False once that happened."""
+    fd = 1 if stream == FrameType.STDOUT else 2
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        proc.signal(signal.SIGPIPE, group=True)
+        return False
+    return True
