@@ -10,14 +10,14 @@ never nest ``asyncio.run`` and one sandbox's connections stay on one loop::
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
-from virtcontainers.agent.client import ExecResult
 from virtcontainers.config import HypervisorConfig
-from virtcontainers.devices import ColdPlugDevice, HotplugDevice
+from virtcontainers.devices import ColdPlugDevice
 from virtcontainers.hypervisor import HypervisorType
 from virtcontainers.images.store import StoredImage
 from virtcontainers.network import NetworkSpec
@@ -27,6 +27,7 @@ from virtcontainers.sandbox import Sandbox, SandboxInfo
 __all__ = ["SyncSandbox"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class _LoopThread:
@@ -42,6 +43,18 @@ class _LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+def _blocking(
+    method: Callable[Concatenate[Sandbox, P], Coroutine[object, object, T]],
+) -> Callable[Concatenate[SyncSandbox, P], T]:
+    """``method`` of :class:`Sandbox`, run to completion on the facade's loop thread."""
+
+    @functools.wraps(method)
+    def blocking(self: SyncSandbox, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._loop.run(method(self._sandbox, *args, **kwargs))
+
+    return blocking
 
 
 class SyncSandbox:
@@ -69,34 +82,28 @@ class SyncSandbox:
         """Record a new sandbox; ``server``: ``with`` starts it in an ephemeral sandbox
         server (removed when this process ends, however it ends) instead of in-process.
         ``image``: an OCI image to run in (see :meth:`Sandbox.create`)."""
+        made = Sandbox.create(
+            config, id=id, hypervisor=hypervisor, devices=devices, store=store,
+            network=network, image=image, disk_size_mb=disk_size_mb,
+        )  # fmt: skip
+        return cls._on_new_loop(made, server=server)
+
+    @classmethod
+    def attach(cls, id: str, *, store: StateStore | None = None) -> SyncSandbox:
+        """See :meth:`Sandbox.attach`."""
+        return cls._on_new_loop(Sandbox.attach(id, store=store))
+
+    @classmethod
+    def _on_new_loop(
+        cls, opening: Coroutine[object, object, Sandbox], *, server: bool = False
+    ) -> SyncSandbox:
         loop = _LoopThread()
         try:
-            sandbox = loop.run(
-                Sandbox.create(
-                    config,
-                    id=id,
-                    hypervisor=hypervisor,
-                    devices=devices,
-                    store=store,
-                    network=network,
-                    image=image,
-                    disk_size_mb=disk_size_mb,
-                )
-            )
+            sandbox = loop.run(opening)
         except BaseException:
             loop.close()
             raise
         return cls(loop, sandbox, server=server)
-
-    @classmethod
-    def attach(cls, id: str, *, store: StateStore | None = None) -> SyncSandbox:
-        loop = _LoopThread()
-        try:
-            sandbox = loop.run(Sandbox.attach(id, store=store))
-        except BaseException:
-            loop.close()
-            raise
-        return cls(loop, sandbox)
 
     @property
     def id(self) -> str:
@@ -105,66 +112,21 @@ class SyncSandbox:
     def info(self) -> SandboxInfo:
         return self._sandbox.info()
 
-    def start(
-        self, timeout: float = 60.0, *, server: bool = False, ephemeral: bool = False
-    ) -> None:
-        """See :meth:`Sandbox.start`."""
-        self._loop.run(self._sandbox.start(timeout, server=server, ephemeral=ephemeral))
-
-    def exec(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-        user: str | None = None,
-    ) -> ExecResult:
-        return self._loop.run(
-            self._sandbox.exec(
-                argv,
-                env=env,
-                cwd=cwd,
-                uid=uid,
-                gid=gid,
-                stdin=stdin,
-                timeout=timeout,
-                user=user,
-            )
-        )
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self._loop.run(self._sandbox.write_file(path, data, mode))
-
-    def read_file(self, path: str) -> bytes:
-        return self._loop.run(self._sandbox.read_file(path))
-
-    def pause(self) -> None:
-        self._loop.run(self._sandbox.pause())
-
-    def resume(self) -> None:
-        self._loop.run(self._sandbox.resume())
-
-    def hotplug(self, device: HotplugDevice) -> HotplugDevice:
-        return self._loop.run(self._sandbox.hotplug(device))
-
-    def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
-        return self._loop.run(self._sandbox.resize_vcpus(vcpus))
-
-    def resize_memory(self, mem_mb: int) -> int:
-        return self._loop.run(self._sandbox.resize_memory(mem_mb))
-
     def logs(self) -> bytes:
         return self._sandbox.logs()
 
-    def stop(self, wait_only: bool = True) -> None:
-        self._loop.run(self._sandbox.stop(wait_only))
-
-    def remove(self) -> None:
-        self._loop.run(self._sandbox.remove())
+    # The blocking twins: same arguments, same documentation, same errors.
+    start = _blocking(Sandbox.start)
+    exec = _blocking(Sandbox.exec)
+    write_file = _blocking(Sandbox.write_file)
+    read_file = _blocking(Sandbox.read_file)
+    pause = _blocking(Sandbox.pause)
+    resume = _blocking(Sandbox.resume)
+    hotplug = _blocking(Sandbox.hotplug)
+    resize_vcpus = _blocking(Sandbox.resize_vcpus)
+    resize_memory = _blocking(Sandbox.resize_memory)
+    stop = _blocking(Sandbox.stop)
+    remove = _blocking(Sandbox.remove)
 
     def close(self) -> None:
         """Release connections and the loop thread; the sandbox keeps running."""

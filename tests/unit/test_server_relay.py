@@ -20,7 +20,7 @@ from tests.unit.test_agent_client import Agent, agent_binary, start_agent  # noq
 from virtcontainers.agent import AgentRequestError, Stream, connect_unix
 from virtcontainers.errors import AgentError, ConfigError, StateError
 from virtcontainers.server import wire
-from virtcontainers.server.client import ServerClient
+from virtcontainers.server.client import KEEP, ServerClient
 from virtcontainers.server.peercred import peer_of
 from virtcontainers.server.relay import Relay
 
@@ -117,7 +117,9 @@ async def test_a_plain_exec_gets_stdin_closed_when_its_client_goes(relay: Relay)
 
 async def test_detached_exec_keeps_running_and_can_be_reattached(relay: Relay) -> None:
     a = await relay.internal_client(ServerClient)
-    proc = await a.exec_stream(["sh", "-c", "echo first; read line; echo got-$line"], keep=True)
+    proc = await a.exec_stream(
+        ["sh", "-c", "echo first; read line; echo got-$line"], extra_items=[KEEP]
+    )
     pid = proc.pid
     first = await anext(aiter(proc))
     assert first == (Stream.STDOUT, b"first\n")
@@ -147,7 +149,7 @@ async def test_detached_exec_keeps_running_and_can_be_reattached(relay: Relay) -
 async def test_kill_by_pid_and_unknown_pids(relay: Relay) -> None:
     a = await relay.internal_client(ServerClient)
     try:
-        proc = await a.exec_stream(["sleep", "30"], keep=True)
+        proc = await a.exec_stream(["sleep", "30"], extra_items=[KEEP])
         assert await a.call("kill", pid=proc.pid, signal=int(signal.SIGKILL)) is True
         status = await proc.wait()
         assert status.signal == signal.SIGKILL

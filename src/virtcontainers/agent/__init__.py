@@ -33,19 +33,10 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "PROTOCOL_MAJOR",
-    "PROTOCOL_MINOR",
-    "AgentClient",
-    "AgentRequestError",
-    "ExecProcess",
-    "ExecResult",
-    "ExitStatus",
-    "Stream",
-    "VersionInfo",
-    "connect_hybrid_vsock",
-    "connect_unix",
-    "connect_vsock",
-]
+    "PROTOCOL_MAJOR", "PROTOCOL_MINOR", "AgentClient", "AgentRequestError", "ExecProcess",
+    "ExecResult", "ExitStatus", "Stream", "VersionInfo", "connect_hybrid_vsock",
+    "connect_unix", "connect_vsock",
+]  # fmt: skip
 
 _HOMES = {
     "virtcontainers.agent.client": (

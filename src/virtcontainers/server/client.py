@@ -2,23 +2,24 @@
 
 Everything an agent client does (exec, streams, files, signals) works unchanged through the
 server; :meth:`ServerClient.call` adds the server's control ops and :meth:`attach` reconnects
-to a running process by its guest pid.
+to a running process by its guest pid. An exec that outlives its client (``vc exec -d``)
+carries :data:`KEEP`: ``exec_stream(..., extra_items=[KEEP])``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from virtcontainers.agent.client import AgentClient, ExecProcess
-from virtcontainers.agent.protocol import Fields, FrameType, Tag, tlv
+from virtcontainers.agent.protocol import Fields, FrameType, Tag
 from virtcontainers.agent.transport import connect_unix
 from virtcontainers.errors import AgentError, VirtContainersError
 from virtcontainers.server import wire
+from virtcontainers.server.wire import KEEP
 from virtcontainers.telemetry.context import current_traceparent
 
-__all__ = ["SOCKET_NAME", "ServerClient", "socket_path"]
+__all__ = ["KEEP", "SOCKET_NAME", "ServerClient", "socket_path"]
 
 SOCKET_NAME = "server.sock"
 
@@ -49,34 +50,6 @@ class ServerClient(AgentClient):
         payload = wire.encode_request(op, args, current_traceparent())
         fields = await self._call(FrameType.SERVER, payload, op, timeout)
         return wire.decode_reply(fields.raw(Tag.DATA))
-
-    async def exec_stream(
-        self,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        tty: bool = False,
-        timeout: float | None = None,
-        *,
-        no_stdin: bool = False,
-        tty_size: tuple[int, int] | None = None,
-        request_timeout: float | None = None,
-        extra_items: Sequence[tuple[int, bytes]] = (),
-        groups: Sequence[int] = (),
-        rlimits: Sequence[tuple[int, int, int]] = (),
-        umask: int | None = None,
-        keep: bool = False,
-    ) -> ExecProcess:
-        """As :meth:`AgentClient.exec_stream`; ``keep``: the process outlives this client
-        (its output is kept for :meth:`attach`)."""
-        return await super().exec_stream(
-            argv, env, cwd, uid, gid, tty, timeout,
-            no_stdin=no_stdin, tty_size=tty_size, request_timeout=request_timeout,
-            extra_items=[*extra_items, tlv(Tag.KEEP, 1, 1)] if keep else extra_items,
-            groups=groups, rlimits=rlimits, umask=umask,
-        )  # fmt: skip
 
     async def attach(self, pid: int, *, timeout: float | None = None) -> ExecProcess:
         """Reconnect to the running (or exited, not yet collected) process ``pid``: its kept

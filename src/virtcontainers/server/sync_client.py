@@ -83,7 +83,7 @@ class ServerConnection:
             AgentRequestError: the program cannot be started (the agent's reply).
             ConfigError: input the wire cannot carry.
         """
-        extra = [protocol.tlv(protocol.Tag.KEEP, 1, 1)] if keep else []
+        extra = [wire.KEEP] if keep else []
         payload = protocol.exec_request(
             argv, env, cwd, uid, gid, tty, no_stdin=no_stdin, tty_size=tty_size,
             extra_items=extra,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 from virtcontainers import errors
+from virtcontainers.agent.protocol import Tag, tlv
 from virtcontainers.errors import AgentError, VirtContainersError
 
 __all__ = [
@@ -28,6 +29,10 @@ __all__ = [
 ]
 
 JsonObject = dict[str, object]
+
+#: The EXEC item (for the server, never sent on to the agent) that keeps the process, and
+#: its output for a later ``attach``, after its client goes: ``vc exec -d``.
+KEEP = tlv(Tag.KEEP, 1, 1)
 
 
 def encode_request(op: str, args: JsonObject, traceparent: str | None = None) -> bytes:
