@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--execs", type=int, default=200)
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     image = build_image("cloud")
     root = Path(tempfile.mkdtemp(prefix="vc-bench-cli-"))
     os.environ["VC_RUN_ROOT"] = str(root)
@@ -139,18 +140,29 @@ def main() -> None:
     def ms(xs: list[float]) -> float:
         return statistics.median(xs) * 1000
 
-    print(f"per command (median of {args.runs}, interleaved; load {os.getloadavg()[0]:.1f}):")
+    print(f"load average at the start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f}")
+    print(f"per command (median of {args.runs}, interleaved):")
     for name, xs in cli.items():
         base = ms(cli["python -c pass (cpu)" if "(cpu)" in name else "python -c pass"])
         extra = "" if name.startswith("python") else f"  (+{ms(xs) - base:.1f} ms over python)"
         print(f"  {name:<28} {ms(xs):7.1f} ms{extra}")
     median = statistics.median(sleeps)
-    print(f"8 x `vc exec ID -- sleep 1` at once: wall {median:.2f} s median of {len(sleeps)}")
+    print(f"8 x `vc exec ID -- sleep 1` at once: wall {median:.2f} s median of {len(sleeps)}"
+          f" (each: {', '.join(f'{x:.2f}' for x in sleeps)} s)")  # fmt: skip
     print(f"exec round trip from the Python API (median of {len(rt['in-process'])}):")
     for name, xs in rt.items():
         print(f"  {name:<22} {ms(xs):7.2f} ms")
     ratio = ms(rt["through the server"]) / ms(rt["in-process"])
-    print(f"  ratio server / in-process: {ratio:.2f} (target <= 1.5)")
+    print(f"  ratio server / in-process: {ratio:.2f}")
+    print("targets (issue 11):")
+    for what, value, target, unit in (
+        ("vc ps --json median", ms(cli["vc ps --json"]), 100, "ms"),
+        ("vc exec ID -- true median", ms(cli["vc exec ID -- true"]), 120, "ms"),
+        ("8 concurrent sleep 1 execs", median, 2.5, "s"),
+        ("server / in-process round trip", ratio, 1.5, "x"),
+    ):
+        verdict = "met" if value <= target else "NOT met"
+        print(f"  {what:<32} {value:8.2f} {unit:<2} <= {target:g}: {verdict}")
     if args.json:
         print(json.dumps({"cli": cli, "api": rt, "sleeps": sleeps}))
 
