@@ -164,11 +164,9 @@ def _require_server(sandbox_id: str) -> ServerConnection:
                 await sandbox.close()
 
         asyncio.run(why())
-        connection = _connect(sandbox_id)  # it has just come up
-        if connection is None:
-            from virtcontainers.errors import AgentError
+        from virtcontainers.errors import AgentError
 
-            raise AgentError(f"the server of sandbox {sandbox_id} does not answer")
+        raise AgentError(f"the server of sandbox {sandbox_id} does not answer (retry)")
     return connection
 
 

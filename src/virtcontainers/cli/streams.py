@@ -4,6 +4,10 @@ With a tty on both sides (``vc exec -it``) the local terminal goes into raw mode
 key, Ctrl-C included, reaches the guest's pty (whose line discipline turns ^C into SIGINT for
 the guest's foreground process group), and SIGWINCH forwards the window size. Without a local
 terminal, SIGINT/SIGTERM received by ``vc`` are forwarded to the guest process group.
+
+Two loops do this: :func:`follow_blocking` over the blocking server connection (`vc exec`,
+`vc attach`: no asyncio to import), and :func:`follow` over an async ``ExecProcess`` (`vc run`,
+which holds its sandbox through the async layer, and `vc exec` on a sandbox without a server).
 """
 
 from __future__ import annotations
