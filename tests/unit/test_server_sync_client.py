@@ -126,9 +126,10 @@ async def test_connect_without_a_server_is_an_agent_error(tmp_path: Path) -> Non
 _FOLLOW = textwrap.dedent(
     """
     import sys
-    from virtcontainers.cli.streams import follow_blocking
+    from virtcontainers.cli.streams import claim_stdin, follow_blocking
     from virtcontainers.server.sync_client import ServerConnection
 
+    claim_stdin()  # as vc exec does first
     conn = ServerConnection.connect(sys.argv[1])
     proc = conn.start_exec(sys.argv[2:])
     print("started", file=sys.stderr, flush=True)
@@ -155,6 +156,18 @@ async def test_follow_streams_stdin_and_exit_code(run_dir: str, tmp_path: Path) 
     assert proc.returncode == 7
     assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
     assert err == b"started\nwarn\n"
+
+
+async def test_follow_with_our_stdin_closed_gives_the_process_eof(run_dir: str) -> None:
+    """Started with fd 0 closed, our own sockets could get fd 0 and be read as stdin (it hung
+    doing so): /dev/null takes fd 0 first."""
+    closed = subprocess.Popen(
+        ["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, "-c", _FOLLOW, run_dir,
+         "sh", "-c", "cat; echo eof-seen"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.to_thread(closed.communicate, timeout=30)
+    assert (out, closed.returncode) == (b"eof-seen\n", 0), err
 
 
 async def test_follow_forwards_sigint_to_the_guest_process(run_dir: str) -> None:

@@ -54,6 +54,9 @@ def exec_(
       vc exec -it 3f2a9c sh
     """
 
+    from virtcontainers.cli.streams import claim_stdin
+
+    claim_stdin()
     argv = list(command[1:] if command[:1] == ("--",) else command)
     how = _exec_process(sandbox_id, options.env_items(env), workdir, user)
 
@@ -204,8 +207,9 @@ def attach(sandbox_id: str, pid: int) -> None:
     """Reconnect to a process started with `vc exec -d`: its output so far (the latest
     256 KiB), then live; stdin is forwarded. Exits with its exit code."""
 
-    from virtcontainers.cli.streams import follow_blocking
+    from virtcontainers.cli.streams import claim_stdin, follow_blocking
 
+    claim_stdin()
     with closing(_require_server(sandbox_id)) as connection:
         procs = connection.call("processes")
         tty = isinstance(procs, list) and any(p["pid"] == pid and p["tty"] for p in procs)

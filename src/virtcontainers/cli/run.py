@@ -49,6 +49,9 @@ def run(
       vc run --network user -p 8080:80 -- httpd -f -p 80
       vc run --image oci:./layout -e GREETING=hi -w /tmp -u 1000 -- python3 -c 'print(6*7)'
     """
+    from virtcontainers.cli.streams import claim_stdin
+
+    claim_stdin()
     argv = list(command)
     if sandbox.image is None and not argv:
         raise ConfigError("give a command to run (or --image IMAGE to run its default)")

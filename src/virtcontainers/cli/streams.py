@@ -44,6 +44,15 @@ def exit_code(status: ExitStatus) -> int:
     return status.exit_code if status.exit_code is not None else 1
 
 
+def claim_stdin() -> None:
+    """Open /dev/null as fd 0 when we were started with it closed (`vc exec ... <&-`), before
+    a socket of ours can get fd 0 and be read as our stdin."""
+    try:
+        os.fstat(0)
+    except OSError:
+        os.open(os.devnull, os.O_RDONLY)  # the lowest free fd: 0
+
+
 def terminal_size() -> tuple[int, int] | None:
     """(rows, cols) of our terminal, if stdout or stdin is one."""
     for fd in (1, 0):
@@ -106,7 +115,7 @@ class _Mode:
 def _terminal(*, tty: bool, interactive: bool) -> Iterator[_Mode]:
     """How to connect our terminal to the process; raw mode while it runs, when ``tty``
     and our stdin is a terminal that is forwarded."""
-    stdin_is_tty = sys.stdin is not None and sys.stdin.isatty()
+    stdin_is_tty = os.isatty(0)  # not sys.stdin: None when started with fd 0 closed
     forward = interactive or not stdin_is_tty
     mode = _Mode(forward, tty and stdin_is_tty and forward)
     saved = termios.tcgetattr(0) if mode.raw else None
@@ -192,7 +201,7 @@ async def _quietly(work: Awaitable[None]) -> None:
 async def _feed_stdin(proc: ExecProcess) -> None:
     import asyncio
 
-    fd = sys.stdin.fileno()
+    fd = 0
     if stat.S_ISREG(os.fstat(fd).st_mode):  # epoll refuses files, and their reads never block
         while chunk := await asyncio.to_thread(os.read, fd, 65536):
             await proc.write_stdin(chunk)
