@@ -26,9 +26,11 @@ COMMANDS = {
     "start": "sandboxes:start",
     "exec": "processes:exec_",
     **{name: f"processes:{name}" for name in ("top", "attach", "kill")},
+    "cp": "sandboxes:cp",
+    "ps": "ps:ps",
     **{
         name: f"sandboxes:{name}"
-        for name in ("cp", "ps", "logs", "pause", "resume", "hotplug", "resize", "stop", "rm")
+        for name in ("logs", "pause", "resume", "hotplug", "resize", "stop", "rm")
     },
     "guest": "guest:guest",
     "image": "image:image",

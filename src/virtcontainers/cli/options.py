@@ -1,5 +1,5 @@
-"""Options shared by several commands (``vc run`` and ``vc create``: the sandbox to make,
-and the config it builds), and what they turn into."""
+"""The options of ``vc run`` and ``vc create`` (the sandbox to make) and the config they
+build. (``env_items`` is :mod:`.common`'s, also importable from here.)"""
 
 from __future__ import annotations
 
@@ -8,36 +8,21 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from virtcontainers.cli.common import compose
+from virtcontainers.cli.common import env_items as env_items
 from virtcontainers.errors import ConfigError
 
-if TYPE_CHECKING:  # imported where used: `vc ps`/`vc exec` import this module too
+if TYPE_CHECKING:  # imported where used: these pull in the sandbox layer
     from virtcontainers.config import HypervisorConfig
     from virtcontainers.devices import ColdPlugDevice
     from virtcontainers.images import StoredImage
     from virtcontainers.network import NetworkSpec
 
-F = TypeVar("F", bound=Callable[..., object])
-
-
-def _compose(*decorators: Callable[[F], F]) -> Callable[[F], F]:
-    """One decorator applying ``decorators`` so that they list in this order in --help."""
-
-    def apply(function: F) -> F:
-        for decorator in reversed(decorators):
-            function = decorator(function)
-        return function
-
-    return apply
-
-
 _PATH = click.Path(path_type=Path)
-
-sandbox_id_argument = click.argument("sandbox_id", help="The sandbox id (see `vc ps`).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 #: ``virtcontainers.network.DEFAULT_TAP_RANGE`` (a literal here: this module stays light;
 #: a unit test pins the two equal).
@@ -46,7 +31,7 @@ DEFAULT_TAP_RANGE = "10.213.0.0/16"
 tls_verify_option = click.option(
     "--tls-verify", default="true", help="false: pull over plain HTTP / unverified TLS."
 )
-_machine_options = _compose(
+_machine_options = compose(
     click.option(
         "--hypervisor", default="qemu", help="Driver: qemu, firecracker, clh, acrn or mock."
     ),
@@ -273,42 +258,9 @@ def share_devices(shares: Sequence[str]) -> list[ColdPlugDevice]:
 
 # -- OCI images and the process (docker's spellings) ---------------------------------------
 
-#: ``-e``, ``-w``, ``-u`` as docker spells them (``vc run``, ``vc exec``).
-process_options = _compose(
-    click.option(
-        "--env",
-        "-e",
-        multiple=True,
-        help="Set K=V in the process environment (K alone: from ours).",
-    ),
-    click.option("--workdir", "-w", help="Working directory in the guest."),
-    click.option(
-        "--user", "-u", help="name, uid, name:group or uid:gid (the image's /etc/passwd)."
-    ),
-)
 entrypoint_option = click.option(
     "--entrypoint", help="Replace the image's Entrypoint ('' clears it)."
 )
-
-
-def env_items(items: Sequence[str]) -> dict[str, str] | None:
-    """``-e`` items as a mapping; a bare ``K`` takes our own ``$K`` (skipped when unset).
-
-    Raises:
-        ConfigError: an item with an empty name.
-    """
-    if not items:
-        return None
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not key:
-            raise ConfigError(f"--env {item!r}: the variable name is empty", field="--env")
-        if sep:
-            out[key] = value
-        elif key in os.environ:
-            out[key] = os.environ[key]
-    return out
 
 
 def disk_size_mb(text: str | None) -> int:
@@ -332,15 +284,6 @@ def disk_size_mb(text: str | None) -> int:
             allowed=["512M", "2G", "1024 (MiB)"],
         ) from None  # fmt: skip
     return int(value * factor)
-
-
-#: The busybox guest's PATH (its init exports it), under ``-e`` items without an image.
-GUEST_PATH = "/sbin:/bin:/usr/sbin:/usr/bin"
-
-
-def plain_env(env: dict[str, str] | None) -> dict[str, str] | None:
-    """``-e`` for a sandbox without an image: added to the guest's PATH, not replacing it."""
-    return {"PATH": GUEST_PATH, **env} if env else None
 
 
 def entrypoint_argv(entrypoint: str | None) -> list[str] | None:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from virtcontainers.cli import options
-from virtcontainers.cli.options import json_option, sandbox_id_argument
+from virtcontainers.cli import common
+from virtcontainers.cli.common import json_option, sandbox_id_argument
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 @click.option("--tty", "-t", is_flag=True, help="Allocate a terminal.")
 @click.option("--interactive", "-i", is_flag=True, help="Forward stdin even from a terminal.")
 @click.option("--detach", "-d", is_flag=True, help="Start it in the background; print its pid.")
-@options.process_options
+@common.process_options
 def exec_(
     sandbox_id: str,
     command: tuple[str, ...],
@@ -58,7 +58,7 @@ def exec_(
 
     claim_stdin()
     argv = list(command[1:] if command[:1] == ("--",) else command)
-    how = _exec_process(sandbox_id, options.env_items(env), workdir, user)
+    how = _exec_process(sandbox_id, common.env_items(env), workdir, user)
 
     connection = _connect(sandbox_id)
     if connection is None:  # no server (it died): reattach directly
@@ -112,7 +112,7 @@ def _exec_process(
         from virtcontainers.images.sandbox_image import SandboxImage
 
         ids = SandboxImage.numeric_user(user)
-    return _ExecHow(options.plain_env(env), workdir, *ids)
+    return _ExecHow(common.plain_env(env), workdir, *ids)
 
 
 async def _direct_exec(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from virtcontainers.cli import options
+from virtcontainers.cli import common, options
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     help="The command to run in the guest (with --image: the image's default when omitted).",
 )
 @options.sandbox_options
-@options.process_options
+@common.process_options
 @options.entrypoint_option
 def run(
     command: tuple[str, ...],
@@ -62,7 +62,7 @@ def run(
     spec = sandbox.network_spec()
     process = _Process(
         argv=argv,
-        env=options.env_items(env),
+        env=common.env_items(env),
         workdir=workdir,
         user=user,
         entrypoint=options.entrypoint_argv(entrypoint),
@@ -115,7 +115,7 @@ async def _run(
             return await stream_exec(
                 sandbox,
                 process.argv,
-                env=options.plain_env(process.env),
+                env=common.plain_env(process.env),
                 cwd=process.workdir,
                 user=process.user,
             )

@@ -1,5 +1,5 @@
-"""Sandbox commands: create, start, cp, ps, logs, pause, resume, hotplug, resize, stop, rm
-(processes in a sandbox: :mod:`.processes`).
+"""Sandbox commands: create, start, cp, logs, pause, resume, hotplug, resize, stop, rm
+(`vc ps`: :mod:`.ps`; processes in a sandbox: :mod:`.processes`).
 
 Each is a thin call into :class:`virtcontainers.sandbox.Sandbox`; sandboxes live in the state
 store, so any of them works from a new shell on a sandbox another process started. A running
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from virtcontainers.cli import options
-from virtcontainers.cli.options import json_option, sandbox_id_argument
+from virtcontainers.cli.common import json_option, sandbox_id_argument
 from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -122,27 +122,6 @@ def cp(source: str, dest: str, mode: str) -> None:
         Path(dest).write_bytes(got[0])
     else:
         raise ConfigError("exactly one of SOURCE and DEST must be ID:PATH", field="cp")
-
-
-@click.command()
-@json_option
-def ps(as_json: bool) -> None:
-    """List sandboxes and their state (checked against the live VMM process)."""
-    from virtcontainers.listing import list_sandboxes
-
-    infos = list_sandboxes()
-    if as_json:
-        print(json.dumps([i.to_dict() for i in infos], indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("ID", "STATE", "HYPERVISOR", "PID", "CREATED")
-    for i in infos:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_at))
-        state = f"{i.state} (server dead)" if i.server == "dead" else i.state
-        table.add_row(i.id, state, i.hypervisor, str(i.pid or "-"), created)
-    Console().print(table)
 
 
 @click.command()

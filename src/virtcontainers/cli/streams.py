@@ -32,16 +32,9 @@ if TYPE_CHECKING:  # asyncio and the async client only for `vc run` and the dire
     import asyncio
 
     from virtcontainers.agent.client import ExecProcess
-    from virtcontainers.agent.protocol import AgentRequestError, ExitStatus
+    from virtcontainers.agent.protocol import AgentRequestError
     from virtcontainers.sandbox import Sandbox
     from virtcontainers.server.sync_client import RemoteProcess
-
-
-def exit_code(status: ExitStatus) -> int:
-    """A shell-style exit code: 128 + signal when killed."""
-    if status.signal is not None:
-        return 128 + status.signal
-    return status.exit_code if status.exit_code is not None else 1
 
 
 def claim_stdin() -> None:
@@ -167,7 +160,7 @@ async def follow(proc: ExecProcess, *, tty: bool, interactive: bool) -> int:
                 feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await feeder
-    return exit_code(status)
+    return status.shell_code
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -290,7 +283,7 @@ def follow_blocking(proc: RemoteProcess, *, tty: bool, interactive: bool) -> int
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     assert proc.status is not None
-    return exit_code(proc.status)
+    return proc.status.shell_code
 
 
 def _note_signal(signum: int, frame: object) -> None:

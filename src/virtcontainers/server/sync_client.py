@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from virtcontainers.agent import protocol
 from virtcontainers.errors import AgentError
 from virtcontainers.server import wire
+from virtcontainers.telemetry.context import current_traceparent
 
 __all__ = ["RemoteProcess", "ServerConnection"]
 
@@ -67,7 +68,8 @@ class ServerConnection:
 
     def call(self, op: str, **args: object) -> object:
         """Run server op ``op``; raises the server's error as its public class."""
-        fields = self.request(protocol.FrameType.SERVER, wire.encode_request(op, args), op)
+        payload = wire.encode_request(op, args, current_traceparent())
+        fields = self.request(protocol.FrameType.SERVER, payload, op)
         return wire.decode_reply(fields.raw(protocol.Tag.DATA))
 
     def start_exec(
@@ -99,7 +101,7 @@ class ServerConnection:
         Raises:
             StateError: no such process, or another client is attached to it.
         """
-        payload = wire.encode_request("attach", {"pid": pid})
+        payload = wire.encode_request("attach", {"pid": pid}, current_traceparent())
         fields = self.request(protocol.FrameType.SERVER, payload, "attach")
         info = wire.decode_reply(fields.raw(protocol.Tag.DATA))
         if not isinstance(info, dict):
