@@ -9,6 +9,7 @@ and costs ~50 ms more per command here (docs/status.md, "A fast CLI").
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -135,3 +136,8 @@ def main() -> None:
         label = click.style("error:", fg="red", bold=True)
         click.echo(f"{label} {kind}: {exc}", err=True)  # colour only on a terminal
         sys.exit(1)
+    finally:
+        # The process ends now: spare the interpreter's last collections over every object
+        # of ~150 modules (~25 ms of a `vc ps`, bench/cli.py). Shutdown still runs atexit
+        # handlers and flushes the streams; only cyclic garbage is left to the OS.
+        gc.freeze()
