@@ -55,9 +55,14 @@ def monitor(vc_root: Path) -> Iterator[str]:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        found = re.search(r"http://(127\.0\.0\.1:\d+)/metrics", line)
-        assert found, f"vc metrics serve printed {line!r}"
+        seen = []
+        for line in proc.stdout:  # the address line (a warning may come first)
+            seen.append(line)
+            if found := re.search(r"http://(127\.0\.0\.1:\d+)/metrics", line):
+                break
+            assert len(seen) < 20, f"vc metrics serve printed {seen}"
+        else:
+            pytest.fail(f"vc metrics serve exited: {seen}")
         yield found.group(1)
     finally:
         _stop(proc)
