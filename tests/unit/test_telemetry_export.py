@@ -172,3 +172,12 @@ def test_log_format_json_logs_each_operation(tmp_path: Path) -> None:
     bad = _vc(tmp_path, "--log-format", "yaml", "ps")
     assert bad.returncode == 2  # click's usage error names the choices
     assert "'text', 'json'" in bad.stderr or "text, json" in bad.stderr
+
+
+def test_metrics_commands_refuse_bad_input(tmp_path: Path) -> None:
+    bad = _vc(tmp_path, "metrics", "serve", "--listen", "nope")
+    assert bad.returncode == 1
+    assert "error: ConfigError: --listen 'nope' is not an address (allowed: HOST:PORT" in bad.stderr
+    missing = _vc(tmp_path, "metrics", "show", "nosuch")
+    assert missing.returncode == 1
+    assert "error: StoreError" in missing.stderr
