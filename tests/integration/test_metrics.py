@@ -176,6 +176,11 @@ def test_prometheus_scrapes_two_sandboxes(
         cpu = _query(api, 'vc_hypervisor_cpu_seconds_total{mode="user"}')
         assert set(cpu) == set(sizes)
         assert all(v > 0.1 for v in cpu.values()), cpu  # a TCG boot takes CPU seconds
+        # A paused sandbox is reported as paused, and its silent guest slows no scrape.
+        assert vc("pause", "mb").returncode == 0
+        _wait_for(api, 'vc_sandbox_state{state="paused"}', {"ma": 0.0, "mb": 1.0})
+        assert _query(api, 'up{job="vc"}', label="job") == {"vc": 1.0}
+        assert _query(api, "vc_monitor_running_servers") == {"": 2.0}
     finally:
         for sandbox_id in sizes:
             vc("rm", "-f", sandbox_id)

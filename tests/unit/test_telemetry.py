@@ -297,7 +297,7 @@ async def test_sandbox_metrics_on_the_unix_socket(tmp_path: Path) -> None:
 
 
 async def test_a_guest_that_does_not_answer_is_counted(tmp_path: Path) -> None:
-    metrics, server = await _serve(tmp_path / "sb1", "sb1", None, state="paused")
+    metrics, server = await _serve(tmp_path / "sb1", "sb1", None)
     try:
         fam = _families(await _get(tmp_path / "sb1" / METRICS_SOCKET))
     finally:
@@ -305,6 +305,18 @@ async def test_a_guest_that_does_not_answer_is_counted(tmp_path: Path) -> None:
         metrics.close()
     assert "vc_guest_meminfo_bytes" not in fam
     assert _value(fam["vc_guest_meminfo_errors"]) == 1
+    assert _value(fam["vc_sandbox_state"], state="running") == 1
+
+
+async def test_a_paused_guest_is_not_asked(tmp_path: Path) -> None:
+    # It could not answer: asking would stall every scrape by the read's timeout.
+    metrics, server = await _serve(tmp_path / "sb1", "sb1", None, state="paused")
+    try:
+        fam = _families(await _get(tmp_path / "sb1" / METRICS_SOCKET))
+    finally:
+        server.close()
+        metrics.close()
+    assert _value(fam["vc_guest_meminfo_errors"]) == 0
     assert _value(fam["vc_sandbox_state"], state="paused") == 1
 
 

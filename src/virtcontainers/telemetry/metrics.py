@@ -176,10 +176,11 @@ class SandboxMetrics(Collector):
     # -- at each scrape ----------------------------------------------------------------------
 
     async def render(self) -> bytes:
-        """The exposition text, with the guest's meminfo read now (kept from the last read
-        when the agent does not answer in time: counted in ``vc_guest_meminfo_errors``)."""
+        """The exposition text, with the guest's meminfo read now when it runs (a paused
+        guest cannot answer: its last values are kept; so are they when the agent does not
+        answer in time, counted in ``vc_guest_meminfo_errors``)."""
         state = self._snapshot()[0]
-        if state in ("running", "paused"):
+        if state == "running":
             try:
                 async with asyncio.timeout(_GUEST_MEMINFO_TIMEOUT):
                     text = await self._guest_meminfo()

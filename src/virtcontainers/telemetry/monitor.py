@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -70,16 +71,23 @@ class Monitor(Collector):
     def describe(self) -> Iterable[Metric]:
         return []  # the families depend on what the servers report
 
+    def _families(self, path: Path) -> list[Metric] | None:
+        try:
+            return list(text_string_to_metric_families(self.scrape(path)))
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("scraping %s failed: %s", path.parent.name, exc)
+            return None
+
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         answered = failed = 0
-        for path in self.sockets():
-            try:
-                text = self.scrape(path)
-                parsed = list(text_string_to_metric_families(text))
-            except (httpx.HTTPError, ValueError) as exc:
+        sockets = self.sockets()
+        # In parallel: one slow server (a guest slow to answer) must not delay the others.
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(sockets)))) as pool:
+            results = list(pool.map(self._families, sockets))
+        for parsed in results:
+            if parsed is None:
                 failed += 1
-                log.info("scraping %s failed: %s", path.parent.name, exc)
                 continue
             answered += 1
             for family in parsed:
