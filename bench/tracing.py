@@ -1,7 +1,8 @@
 """What tracing costs on the exec round trip: off, SDK without exporter, and no span at all.
 
-One QEMU sandbox (in-process), ``exec(["true"])`` timed in three variants, interleaved in
-rounds (the order rotates each round) so load on the shared machine hits all three alike:
+One QEMU sandbox (in-process), ``exec(["true"])`` timed in four variants, interleaved (each
+iteration runs one exec of each, in a fresh random order) so load on the shared machine hits
+all alike:
 
 * **baseline**: ``Sandbox.exec.__wrapped__``, the method without its span: exactly the code
   of the exec path before instrumentation (the only span on that path is ``sandbox.exec``;
@@ -9,13 +10,16 @@ rounds (the order rotates each round) so load on the shared machine hits all thr
 * **off**: ``Sandbox.exec`` with no tracer provider installed: the API's no-op tracer,
   what every user who does not ask for traces runs;
 * **sdk**: the SDK's tracer provider with no span processor: spans are created, their
-  attributes set, then dropped (the cost of the SDK itself, without any export I/O).
+  attributes set, then dropped (the cost of the SDK itself, without any export I/O);
+* **baseline_again**: the baseline once more (an A/A test): its ratio to the baseline is
+  what the measurement itself varies by, the floor under which no difference means anything.
 
-Ratios are of medians: off/baseline (the issue's "<= 1.02") and sdk/off. The exec round
-trip is milliseconds under TCG with a few percent of noise, so the ratio alone cannot
-resolve a cost of microseconds; the bench therefore also times the span machinery alone
-(``operation()`` around nothing, per call) and reports the ratio it implies:
-1 + (span cost / exec median).
+Ratios are of medians: off/baseline (the issue's "<= 1.02"), sdk/off and the A/A ratio;
+the *paired* ratios are medians of per-iteration ratios (each exec against the baseline exec
+of the same iteration). The exec round trip is milliseconds under TCG with a few percent of
+noise, so these ratios cannot resolve a cost of microseconds; the bench therefore also
+times the span machinery alone (``operation()`` around nothing, per call) and reports the
+ratio it implies: 1 + (span cost / exec median).
 
 The variants switch by pointing ``telemetry.tracing``'s tracer at a no-op or an SDK tracer
 between calls (the global provider can be set once per process).
@@ -29,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import statistics
 import tempfile
@@ -49,7 +54,7 @@ SDK = TracerProvider().get_tracer("bench")  # no span processor: nothing is expo
 
 
 async def one_exec(sandbox: Sandbox, variant: str) -> float:
-    if variant == "baseline":
+    if variant.startswith("baseline"):
         call = Sandbox.exec.__wrapped__(sandbox, ["true"])  # type: ignore[attr-defined]
     else:
         tracing._tracer = SDK if variant == "sdk" else OFF  # type: ignore[assignment]
@@ -77,37 +82,40 @@ async def measure(args: argparse.Namespace, store: StateStore) -> dict[str, obje
     sandbox = await Sandbox.create(cfg, store=store)
     try:
         await sandbox.start()
-        variants = ["baseline", "off", "sdk"]
+        variants = ["baseline", "off", "sdk", "baseline_again"]
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(20):  # warm up every path
             for v in variants:
                 await one_exec(sandbox, v)
-        for r in range(args.rounds):
-            order = variants[r % 3 :] + variants[: r % 3]
-            for _ in range(args.per_round):
-                for v in order:
-                    times[v].append(await one_exec(sandbox, v))
+        rng = random.Random(14)
+        for _ in range(args.iterations):
+            order = rng.sample(variants, len(variants))
+            for v in order:
+                times[v].append(await one_exec(sandbox, v))
     finally:
         await sandbox.remove()
     med = {v: statistics.median(t) for v, t in times.items()}
-    per_round = {
-        v: [statistics.median(t[i : i + args.per_round]) for i in range(0, len(t), args.per_round)]
-        for v, t in times.items()
+    # Each exec ran next to one of each other variant: the median of the per-iteration
+    # ratios cancels the drift of a shared machine that the medians above still carry.
+    paired = {
+        v: statistics.median(x / b for x, b in zip(times[v], times["baseline"], strict=True))
+        for v in ("off", "sdk", "baseline_again")
     }
-    round_ratios = [o / b for o, b in zip(per_round["off"], per_round["baseline"], strict=True)]
     noop_cost, sdk_cost = span_cost(OFF), span_cost(SDK)
     return {
         "accelerator": host.accelerator(),
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
-        "execs_per_variant": len(times["off"]),
+        "execs_per_variant": args.iterations,
         "exec_median_ms": {v: round(m * 1e3, 3) for v, m in med.items()},
         "ratio_off_over_baseline": round(med["off"] / med["baseline"], 4),
         "ratio_sdk_over_off": round(med["sdk"] / med["off"], 4),
-        "per_round_ratio_off_over_baseline_min_max": [
-            round(min(round_ratios), 3),
-            round(max(round_ratios), 3),
-        ],
+        "ratio_baseline_again_over_baseline (A/A)": round(
+            med["baseline_again"] / med["baseline"], 4
+        ),
+        "paired_ratio_off_over_baseline": round(paired["off"], 4),
+        "paired_ratio_sdk_over_baseline": round(paired["sdk"], 4),
+        "paired_ratio_baseline_again_over_baseline (A/A)": round(paired["baseline_again"], 4),
         "span_cost_us": {"off": round(noop_cost * 1e6, 2), "sdk": round(sdk_cost * 1e6, 2)},
         "implied_ratio_off_over_baseline": round(1 + noop_cost / med["baseline"], 5),
         "implied_ratio_sdk_over_baseline": round(1 + sdk_cost / med["baseline"], 5),
@@ -117,8 +125,7 @@ async def measure(args: argparse.Namespace, store: StateStore) -> dict[str, obje
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--per-round", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=800)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="vc-bench-"))
     try:
