@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,15 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.unit.test_agent_client import Agent, agent_binary, start_agent  # noqa: F401
+from virtcontainers.agent import connect_unix
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import CpuDevice, MemoryDevice
 from virtcontainers.drivers.mock import MockHypervisor
-from virtcontainers.errors import ConfigError, MissingDependencyError, StateError
+from virtcontainers.errors import AgentError, ConfigError, MissingDependencyError, StateError
 from virtcontainers.hypervisor import NetworkNamespace
 from virtcontainers.server import wire
+from virtcontainers.server.relay import Relay
 from virtcontainers.telemetry import export, logs, tracing
 from virtcontainers.telemetry.metrics import (
     METRICS_SOCKET,
@@ -382,3 +386,57 @@ async def test_an_ended_sandbox_reports_its_stop_to_the_monitor(tmp_path: Path) 
 
 async def _no_guest() -> bytes:
     raise TimeoutError("no guest")
+
+
+# -- the relay's observer (the real agent, run on the host) ------------------------------------
+
+
+@pytest.fixture
+def agent(agent_binary: Path, tmp_path: Path) -> Iterator[Agent]:  # noqa: F811
+    yield from start_agent(agent_binary, tmp_path)
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, bool]] = []
+        self.started = 0
+        self.exits: list[tuple[int | None, int | None]] = []
+
+    def request_done(self, request: str, seconds: float, ok: bool) -> None:
+        assert 0 <= seconds < 30
+        self.requests.append((request, ok))
+
+    def exec_started(self) -> None:
+        self.started += 1
+
+    def exec_exited(self, exit_code: int | None, signal: int | None) -> None:
+        self.exits.append((exit_code, signal))
+
+
+async def _no_ops(op: str, args: wire.JsonObject) -> object:
+    raise StateError(op, "test", ["none"])
+
+
+async def test_relay_reports_requests_execs_and_survives_unknown_types(agent: Agent) -> None:
+    seen = _Seen()
+    relay = Relay(_no_ops, seen)
+    relay.attach_upstream(await connect_unix(agent.sock), resync=True)
+    client = await relay.internal_client()
+    try:
+        assert (await client.exec(["sh", "-c", "exit 3"])).exit_code == 3
+        proc = await client.exec_stream(["sleep", "30"])
+        await proc.signal(9)
+        assert (await proc.wait()).signal == 9
+        # A request type this host does not know: the agent refuses it; the relay lives on.
+        with pytest.raises(AgentError):
+            await client._call(0x1F, b"", "unknown", 5.0)  # type: ignore[arg-type]
+        assert (await client.ping()).protocol_major == 1
+    finally:
+        await client.close()
+        await relay.close()
+    assert seen.started == 2
+    assert sorted(seen.exits, key=str) == sorted([(3, None), (None, 9)], key=str)
+    assert ("type_0x1f", False) in seen.requests
+    assert [r for r in seen.requests if r[0] == "exec"] == [("exec", True), ("exec", True)]
+    assert ("ping", True) in seen.requests
+    assert ("signal", True) in seen.requests

@@ -221,7 +221,7 @@ class Relay:
             route = self._routes.pop(frame.id, None)
             if route is not None and route.request and self._observer is not None:
                 self._observer.request_done(
-                    FrameType(route.request).name.lower(),
+                    _request_name(route.request),
                     time.monotonic() - route.sent,
                     frame.type == FrameType.OK,
                 )
@@ -542,3 +542,12 @@ class Relay:
         await asyncio.gather(
             *[t for t in (self._up_task, *self._tasks) if t is not None], return_exceptions=True
         )
+
+
+def _request_name(ftype: int) -> str:
+    """A metrics label for a request type; a client may send types this host does not know
+    (the agent answers BAD_TYPE), which must not break the relay."""
+    try:
+        return FrameType(ftype).name.lower()
+    except ValueError:
+        return f"type_{ftype:#04x}"
