@@ -219,12 +219,9 @@ class Relay:
     def _from_agent(self, frame: Frame) -> None:
         if frame.type in (FrameType.OK, FrameType.ERROR):
             route = self._routes.pop(frame.id, None)
-            if route is not None and route.request and self._observer is not None:
-                self._observer.request_done(
-                    _request_name(route.request),
-                    time.monotonic() - route.sent,
-                    frame.type == FrameType.OK,
-                )
+            if route is not None and route.request:
+                seconds, ok = time.monotonic() - route.sent, frame.type == FrameType.OK
+                self._tell(lambda o: o.request_done(_request_name(route.request), seconds, ok))
             if route is None:
                 log.debug("reply to unknown request %d dropped", frame.id)
             elif route.future is not None:
@@ -249,17 +246,23 @@ class Relay:
                 owner.send(encode_frame(frame.type, frame.id, frame.payload))
         elif frame.type == FrameType.EXIT:
             ex.exit = frame
-            if self._observer is not None:
-                status = Fields(frame.payload)
-                self._observer.exec_exited(
-                    status.opt_uint(Tag.EXIT_CODE), status.opt_uint(Tag.SIGNAL)
-                )
+            self._tell(lambda o: o.exec_exited(*_exit_status(frame)))
             del self._execs[frame.id]
             if owner is not None:
                 owner.owned.discard(frame.id)
                 owner.send(encode_frame(frame.type, frame.id, frame.payload))
             else:
                 self._finished.append(ex)
+
+    def _tell(self, event: Callable[[RelayObserver], None]) -> None:
+        """Tell the observer; whatever it (or a malformed frame it parses) raises must not
+        end the relay's loop."""
+        if self._observer is None:
+            return
+        try:
+            event(self._observer)
+        except Exception:
+            log.exception("relay observer failed")
 
     def _keep_output(self, ex: _Exec, frame: Frame) -> None:
         ex.backlog.append(frame)
@@ -287,8 +290,7 @@ class Relay:
                 owner=client if alive else None,
             )
             self._execs[ex.exec_id] = ex
-            if self._observer is not None:
-                self._observer.exec_started()
+            self._tell(lambda o: o.exec_started())
             if alive and client is not None:
                 client.owned.add(ex.exec_id)
             else:
@@ -542,6 +544,12 @@ class Relay:
         await asyncio.gather(
             *[t for t in (self._up_task, *self._tasks) if t is not None], return_exceptions=True
         )
+
+
+def _exit_status(frame: Frame) -> tuple[int | None, int | None]:
+    """(exit code, signal) of an EXIT frame. Raises ``AgentError`` when it is malformed."""
+    status = Fields(frame.payload)
+    return status.opt_uint(Tag.EXIT_CODE), status.opt_uint(Tag.SIGNAL)
 
 
 def _request_name(ftype: int) -> str:

@@ -271,6 +271,8 @@ async def serve_http(
                 await _answer(reader, writer, render)
         except (OSError, h11.ProtocolError) as exc:
             log.debug("metrics request failed: %s", exc)
+        except Exception:  # a scrape must never take the sandbox server down
+            log.exception("metrics request failed")
         finally:
             writer.close()
 
