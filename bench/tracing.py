@@ -24,7 +24,8 @@ ratio it implies: 1 + (span cost / exec median).
 The variants switch by pointing ``telemetry.tracing``'s tracer at a no-op or an SDK tracer
 between calls (the global provider can be set once per process).
 
-Usage: .venv/bin/python -m bench.tracing [--rounds 30] [--per-round 20]
+Usage: .venv/bin/python -m bench.tracing [--rounds 40] [--per-round 20]
+(``rounds * per_round`` iterations; ``python -m bench`` runs it with its own sizes)
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ async def measure(args: argparse.Namespace, store: StateStore) -> dict[str, obje
             for v in variants:
                 await one_exec(sandbox, v)
         rng = random.Random(14)
-        for _ in range(args.iterations):
+        for _ in range(args.rounds * args.per_round):
             order = rng.sample(variants, len(variants))
             for v in order:
                 times[v].append(await one_exec(sandbox, v))
@@ -106,7 +107,7 @@ async def measure(args: argparse.Namespace, store: StateStore) -> dict[str, obje
         "accelerator": host.accelerator(),
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
-        "execs_per_variant": args.iterations,
+        "execs_per_variant": args.rounds * args.per_round,
         "exec_median_ms": {v: round(m * 1e3, 3) for v, m in med.items()},
         "ratio_off_over_baseline": round(med["off"] / med["baseline"], 4),
         "ratio_sdk_over_off": round(med["sdk"] / med["off"], 4),
@@ -125,7 +126,8 @@ async def measure(args: argparse.Namespace, store: StateStore) -> dict[str, obje
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=800)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--per-round", type=int, default=20)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="vc-bench-"))
     try:
