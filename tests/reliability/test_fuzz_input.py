@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -272,3 +274,123 @@ def test_agent_survives_the_fuzzing_without_leaks(fuzzed_agent: Agent) -> None:
     assert fuzzed_agent.proc.poll() is None
     assert _agent_fds(fuzzed_agent) <= fds
     assert _children(fuzzed_agent.proc.pid) == []
+
+
+# --- OCI bundles (vc-runtime create) ------------------------------------------------------
+
+_VALID_SPEC: dict[str, object] = {
+    "ociVersion": "1.0.2",
+    "root": {"path": "rootfs", "readonly": True},
+    "hostname": "c",
+    "process": {
+        "args": ["sh", "-c", "true"],
+        "cwd": "/",
+        "env": ["PATH=/bin"],
+        "user": {"uid": 0, "gid": 0, "additionalGids": [1]},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+    },
+    "mounts": [{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}],
+    "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]},
+    "annotations": {"io.katacontainers.config.hypervisor.default_memory": "512"},
+}
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**65), max_value=2**65)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["", "/", "rootfs", "..", "/no/such", "bind", "RLIMIT_BOGUS", "network"])
+)
+_json_values = st.recursive(
+    _json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _paths(value: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Every key path into a JSON tree (the places a mutation may hit)."""
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _paths(item, (*prefix, i))
+    return found
+
+
+_SPEC_PATHS = _paths(_VALID_SPEC)[1:]
+
+
+def _mutate(spec: object, path: tuple[object, ...], value: object, delete: bool) -> object:
+    spec = json.loads(json.dumps(spec))
+    parent: Any = spec
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return spec
+
+
+@FUZZ
+@given(
+    mutations=st.lists(
+        st.tuples(st.sampled_from(_SPEC_PATHS), _json_values, st.booleans()), min_size=1, max_size=3
+    ),
+)
+def test_a_fuzzed_oci_bundle_is_refused_with_a_bundle_error_and_creates_nothing(
+    mutations: list[tuple[tuple[object, ...], object, bool]],
+) -> None:
+    """Random values at random places of a valid config.json: `vc-runtime create` either
+    accepts the bundle's checks or fails with exit 1 and one `vc-runtime:` line, creating
+    nothing (no state record, no pid file); `load_bundle` raises only `BundleError`."""
+    from virtcontainers.errors import BundleError
+    from virtcontainers.oci.cli import main as runtime_main
+    from virtcontainers.oci.spec import load_bundle
+    from virtcontainers.oci.vm import plan_mounts
+
+    spec: object = _VALID_SPEC
+    for path, value, delete in mutations:
+        with contextlib.suppress(KeyError, IndexError, TypeError):
+            spec = _mutate(spec, path, value, delete)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp, "bundle")
+        (bundle / "rootfs").mkdir(parents=True)
+        (bundle / "config.json").write_text(json.dumps(spec))
+        try:
+            plan_mounts(load_bundle(bundle))
+        except BundleError:
+            pass  # the only error a bad bundle may raise
+        else:
+            return  # a valid bundle: create would boot a VM, not this test's business
+        root, pid_file = Path(tmp, "root"), Path(tmp, "pid")
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = runtime_main(
+                ["--root", str(root), "create", "--bundle", str(bundle), "--pid-file",
+                 str(pid_file), "c1"]
+            )  # fmt: skip
+        assert code == 1
+        assert stderr.getvalue().startswith("vc-runtime: "), stderr.getvalue()
+        assert "Traceback" not in stderr.getvalue()
+        assert not root.exists() or list(root.rglob("*")) == []
+        assert not pid_file.exists()
+
+
+@FUZZ
+@given(data=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_random_bytes_as_config_json_are_a_bundle_error(data: bytes) -> None:
+    from virtcontainers.errors import BundleError
+    from virtcontainers.oci.spec import load_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp)
+        (bundle / "rootfs").mkdir()
+        (bundle / "config.json").write_bytes(data)
+        with pytest.raises(BundleError):
+            load_bundle(bundle)
