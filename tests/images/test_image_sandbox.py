@@ -86,6 +86,18 @@ async def test_debian_image_runs_python_with_the_images_config(
         assert await sb.read_file("/work/mine.txt") == b"mine\n"
         assert "vc.rootfs=tmpfs" in (await sb.read_file("/proc/cmdline")).decode()
 
+        # Root in the guest writing to the image's block device itself, past the overlay:
+        # QEMU attached it read-only, so the write fails and the cached image stays intact.
+        raw = await sb.exec(
+            ["sh", "-c", "ls /dev/vd?; for d in /dev/vd?; do dd if=/dev/zero of=$d bs=512 "
+             "count=1 conv=notrunc,fsync 2>&1 && echo WROTE $d; done; true"],
+            user="root",
+        )  # fmt: skip
+        assert raw.stdout.startswith(b"/dev/vd"), raw
+        assert b"WROTE" not in raw.stdout, raw
+        # dd ran, and the kernel refused the write to the read-only disk.
+        assert b"error writing '/dev/vda': Operation not permitted" in raw.stdout, raw
+
     # A second sandbox of the same image starts from the image, not from the first one.
     async with await Sandbox.create(_config(guest_image), image=debian_image) as sb2:
         fresh = await sb2.exec(["sh", "-c", "ls /work"])
