@@ -140,6 +140,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="vc-bench-"))
     store = StateStore(root)
     before = uptime()
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     started = time.perf_counter()
     try:
 
@@ -220,7 +221,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "schema": 1,
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "started": started_at,
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1),
         "quick": args.quick,
         "stages": r.timings,
