@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from virtcontainers import procfs
 from virtcontainers.guest.image import GuestImage
 from virtcontainers.oci.state import StateDir
 from virtcontainers.testing.oci_images import busybox_tree
@@ -126,3 +127,40 @@ def test_lifecycle_created_running_stopped_and_nothing_left(
     assert run("delete", "ctr1").returncode == 0
     assert leftovers(StateDir(root), "ctr1") == []
     assert run("state", "ctr1").returncode == 1
+
+
+def test_a_killed_vm_stops_the_container_and_delete_leaves_nothing(
+    guest_image: GuestImage, root: Path, tmp_path: Path
+) -> None:
+    import signal
+
+    bundle = tmp_path / "bundle"
+    busybox_tree(bundle / "rootfs")
+    spec = {
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs"},
+        "process": {"args": ["sh", "-c", "echo up; sleep 300"], "env": ["PATH=/bin"]},
+    }
+    (bundle / "config.json").write_text(json.dumps(spec))
+    config = kata_config(guest_image, tmp_path / "vc.toml")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([RUNTIME, "--root", str(root), "--config", str(config), *args],
+                              capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+
+    with open(tmp_path / "out", "wb") as out:
+        created = subprocess.run([RUNTIME, "--root", str(root), "--config", str(config),
+                                  "create", "--bundle", str(bundle), "ctr2"],
+                                 stdout=out, stderr=out, timeout=300)  # fmt: skip
+    assert created.returncode == 0, (tmp_path / "out").read_text()
+    assert run("start", "ctr2").returncode == 0
+    states = StateDir(root)
+    run_dir = str(states.vm_run_dir(states.sandbox_id("ctr2")))
+    qemu = [pid for pid in procfs.processes_mentioning(run_dir)
+            if "qemu" in Path(f"/proc/{pid}/comm").read_text()]  # fmt: skip
+    assert len(qemu) == 1
+    os.kill(qemu[0], signal.SIGKILL)
+    assert _wait_status(run, "ctr2", "stopped")["status"] == "stopped"
+    assert run("delete", "ctr2").returncode == 0
+    assert leftovers(states, "ctr2") == []

@@ -163,3 +163,40 @@ def test_delete_without_force_is_refused_while_create_works(tmp_path: Path) -> N
     with pytest.raises(ContainerStateError, match="cannot delete container c3: it is creating"):
         _delete(_parser().parse_args(["delete", "c3"]), states)
     assert states.path("c3").exists()
+
+
+def _kata_file(tmp_path: Path, enable: str) -> Path:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    path = tmp_path / "configuration-qemu.toml"
+    path.write_text(
+        f'[hypervisor.qemu]\npath = "/usr/bin/qemu-system-x86_64"\nkernel = "{kernel}"\n'
+        f'initrd = "{kernel}"\ndefault_memory = 512\nenable_annotations = [{enable}]\n'
+    )
+    return path
+
+
+def test_hypervisor_annotations_follow_the_enabled_list(tmp_path: Path) -> None:
+    from virtcontainers.errors import AnnotationError
+    from virtcontainers.oci.vm import hypervisor_config
+
+    memory = {"io.katacontainers.config.hypervisor.default_memory": "1024"}
+    kind, config = hypervisor_config(memory, config_file=_kata_file(tmp_path, '"default_memory"'))
+    assert (kind, config.resources.memory_size) == ("qemu", 1024)
+    with pytest.raises(AnnotationError, match="is not enabled"):
+        hypervisor_config(memory, config_file=_kata_file(tmp_path, ""))
+    kind, config = hypervisor_config({"io.podman.x": "y"}, config_file=_kata_file(tmp_path, ""))
+    assert config.resources.memory_size == 512  # other annotations are not the VM's
+
+
+def test_create_with_a_refused_annotation_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = _spec(annotations={"io.katacontainers.config.hypervisor.default_vcpus": "1"})
+    bundle = _bundle(tmp_path, spec)
+    root = tmp_path / "root"
+    code = main(["--root", str(root), "--config", str(_kata_file(tmp_path, "")), "create",
+                 "--bundle", str(bundle), "c4"])  # fmt: skip
+    assert code == 1
+    assert "default_vcpus is not enabled" in capsys.readouterr().err
+    assert not root.exists() or list(root.iterdir()) == []

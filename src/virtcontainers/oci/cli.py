@@ -33,6 +33,9 @@ from virtcontainers.oci.state import DEFAULT_ROOT, OCI_VERSION, ContainerState, 
 __all__ = ["main"]
 
 VERSION = "0.1.0"
+#: The configuration file used when neither --config nor $VC_RUNTIME_CONFIG names one
+#: (podman passes the runtime almost no environment).
+DEFAULT_CONFIG = Path("/etc/vc-runtime/configuration.toml")
 #: How long ``delete`` waits for the VM of a container to be gone.
 TEARDOWN_TIMEOUT = 60.0
 
@@ -61,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="accepted for compatibility")
     p.add_argument("--config", type=Path, default=None,
-                   help="a Kata-style configuration-*.toml for the VM "
-                   "(default: $VC_RUNTIME_CONFIG, else the built guest image)")  # fmt: skip
+                   help="a Kata-style configuration-*.toml for the VM (default: "
+                   "$VC_RUNTIME_CONFIG, /etc/vc-runtime/configuration.toml, else the built "
+                   "guest image)")  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("create", help="create a container (boots its VM) from a bundle")
@@ -145,6 +149,8 @@ def _create(args: argparse.Namespace, states: StateDir) -> int:
     if args.preserve_fds:
         raise ContainerError("--preserve-fds is unsupported: host fds cannot enter the VM")
     config = args.config or (Path(p) if (p := os.environ.get("VC_RUNTIME_CONFIG")) else None)
+    if config is None and DEFAULT_CONFIG.exists():
+        config = DEFAULT_CONFIG
     create(states, args.id, Path(args.bundle), pid_file=args.pid_file,
            console_socket=args.console_socket, config_file=config)  # fmt: skip
     return 0
@@ -173,7 +179,14 @@ def _kill(args: argparse.Namespace, states: StateDir) -> int:
         raise ContainerError(f"unknown signal {args.signal!r}", id=args.id) from None
     if state.status not in (Status.CREATED, Status.RUNNING, Status.PAUSED):
         raise ContainerStateError(args.id, "kill", state.status, [Status.CREATED, Status.RUNNING])
-    _ask(states, state, f"kill {sig}" + (" all" if args.all else ""))
+    try:
+        _ask(states, state, f"kill {sig}" + (" all" if args.all else ""))
+    except ContainerError:
+        if sig != signal.SIGKILL or not StateDir.alive(state):
+            raise
+        # A container process that cannot answer (its VM hung) still dies by SIGKILL:
+        # its sandbox server then removes the VM.
+        os.kill(state.pid, signal.SIGKILL)
     return 0
 
 
