@@ -129,6 +129,15 @@ def test_detached_exec_ps_stop_rm(podman: Podman) -> None:
         ps = podman("ps", "--format", "{{.ID}} {{.Status}}")
         assert any(line.startswith(cid[:12]) and "Up" in line for line in ps.stdout.splitlines())
         assert podman("exec", "vc-bg", "sh", "-c", "exit 5").returncode == 5
+        code, lines = _under_pty(podman, ["exec", "-it", "vc-bg", "sh"],
+                                 b"tty; echo $((6*7)); exit 4\n")  # fmt: skip
+        assert code == 4, lines
+        assert "42" in lines, lines
+        assert any(line.startswith("/dev/pts/") for line in lines), lines
+        for verb, status in (("pause", "paused"), ("unpause", "running")):
+            assert podman(verb, "vc-bg").returncode == 0
+            inspect = podman("inspect", "--format", "{{.State.Status}}", "vc-bg")
+            assert inspect.stdout.strip() == status
         stopped = podman("stop", "--time", "60", "vc-bg")
         assert stopped.returncode == 0, stopped.stderr
         state = podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", "vc-bg")
@@ -141,13 +150,12 @@ def test_detached_exec_ps_stop_rm(podman: Podman) -> None:
     assert _nothing_left(cid) == []
 
 
-def test_run_t_gets_a_terminal(podman: Podman) -> None:
+def _under_pty(podman: Podman, args: list[str], typed: bytes = b"") -> tuple[int, list[str]]:
+    """Run podman on a new pty (``typed`` is sent once the first output arrived); returns
+    its exit code and its output lines."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*podman.argv, "run", "--rm", "-t", "--network", "none", "localhost/vc-busybox:test",
-         "sh", "-c", "tty; test -t 0 && echo stdin-is-a-tty"],
-        stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=podman.env,
-    )  # fmt: skip
+    proc = subprocess.Popen([*podman.argv, *args], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True, env=podman.env)  # fmt: skip
     os.close(slave)
     output = b""
     deadline = time.monotonic() + 300
@@ -159,11 +167,19 @@ def test_run_t_gets_a_terminal(podman: Podman) -> None:
                 break
             if not chunk:
                 break
+            if typed and not output:
+                os.write(master, typed)
             output += chunk
         elif proc.poll() is not None:
             break
     os.close(master)
-    assert proc.wait(60) == 0, output
-    lines = output.decode(errors="replace").replace("\r", "").splitlines()
+    return proc.wait(60), output.decode(errors="replace").replace("\r", "").splitlines()
+
+
+def test_run_t_gets_a_terminal(podman: Podman) -> None:
+    code, lines = _under_pty(podman, ["run", "--rm", "-t", "--network", "none",
+                                      "localhost/vc-busybox:test", "sh", "-c",
+                                      "tty; test -t 0 && echo stdin-is-a-tty"])  # fmt: skip
+    assert code == 0, lines
     assert any(line.startswith("/dev/pts/") for line in lines), lines
     assert "stdin-is-a-tty" in lines
