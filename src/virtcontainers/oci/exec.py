@@ -63,8 +63,9 @@ def exec_process(
     if process.terminal and not console_socket:
         raise ContainerError("a terminal needs --console-socket", id=state.id)
     run_dir = states.vm_run_dir(state.sandbox_id)
+    size = process.tty_size()
     if not detach:
-        stdio = open_console(console_socket, None) if process.terminal and console_socket \
+        stdio = open_console(console_socket, size) if process.terminal and console_socket \
             else Stdio()  # fmt: skip
         if pid_file is not None:
             atomic_write(pid_file.absolute(), str(os.getpid()).encode())
@@ -79,7 +80,7 @@ def exec_process(
             stdio = Stdio()
             try:
                 if process.terminal and console_socket:
-                    stdio = open_console(console_socket, None)
+                    stdio = open_console(console_socket, size)
             except VirtContainersError as exc:
                 report(ready_w, f"error: {exc}")
                 os._exit(1)

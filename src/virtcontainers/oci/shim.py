@@ -59,8 +59,7 @@ def run_container(job: ContainerJob, ready_fd: int) -> int:
     stdio = Stdio()
     try:
         if job.bundle.process.terminal and job.console_socket:
-            size = job.bundle.process.console_size
-            stdio = open_console(job.console_socket, (size.height, size.width) if size else None)
+            stdio = open_console(job.console_socket, job.bundle.process.tty_size())
     except VirtContainersError as exc:
         report(ready_fd, f"error: {exc}")
         return 1

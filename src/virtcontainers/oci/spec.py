@@ -82,6 +82,11 @@ class Process(_Struct):
             out[key] = value
         return out
 
+    def tty_size(self) -> tuple[int, int] | None:
+        """``consoleSize`` as (rows, cols)."""
+        box = self.console_size
+        return (box.height, box.width) if box else None
+
     def rlimit_triples(self) -> list[tuple[int, int, int]]:
         return [(RLIMIT_NUMBERS[r.type], r.soft, r.hard) for r in self.rlimits]
 
