@@ -117,6 +117,12 @@ def test_exit_code_env_workdir_user_and_a_volume(podman: Podman, tmp_path: Path)
     assert sorted(p.name for p in volume.iterdir()) == ["hello.txt"]
 
 
+def test_a_missing_program_is_exit_127_before_any_vm_boots(podman: Podman) -> None:
+    out = podman.run("--rm", "localhost/vc-busybox:test", "no-such-program")
+    assert out.returncode == 127, out.stderr
+    assert "executable file `no-such-program` not found in $PATH" in out.stderr
+
+
 def test_detached_exec_ps_stop_rm(podman: Podman) -> None:
     script = "trap 'echo got-TERM; exit 0' TERM; echo ready; while :; do sleep 0.2; done"
     started = podman.run("-d", "--name", "vc-bg", "localhost/vc-busybox:test", "sh", "-c", script)
@@ -129,6 +135,8 @@ def test_detached_exec_ps_stop_rm(podman: Podman) -> None:
         ps = podman("ps", "--format", "{{.ID}} {{.Status}}")
         assert any(line.startswith(cid[:12]) and "Up" in line for line in ps.stdout.splitlines())
         assert podman("exec", "vc-bg", "sh", "-c", "exit 5").returncode == 5
+        assert podman("exec", "vc-bg", "no-such-program").returncode == 127  # as with runc
+        assert podman("exec", "vc-bg", "/etc/passwd").returncode == 126
         code, lines = _under_pty(podman, ["exec", "-it", "vc-bg", "sh"],
                                  b"tty; echo $((6*7)); exit 4\n")  # fmt: skip
         assert code == 4, lines

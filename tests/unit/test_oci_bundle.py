@@ -34,7 +34,9 @@ def _bundle(tmp_path: Path, spec: object, *, rootfs: bool = True) -> Path:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     if rootfs:
-        (bundle / "rootfs").mkdir()
+        (bundle / "rootfs/bin").mkdir(parents=True)
+        (bundle / "rootfs/bin/sh").write_text("#!/bin/true\n")
+        (bundle / "rootfs/bin/sh").chmod(0o755)
     if spec is not None:
         text = spec if isinstance(spec, str) else json.dumps(spec)
         (bundle / "config.json").write_text(text)
@@ -200,3 +202,23 @@ def test_create_with_a_refused_annotation_creates_nothing(
     assert code == 1
     assert "default_vcpus is not enabled" in capsys.readouterr().err
     assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_find_program_resolves_symlinks_inside_the_root(tmp_path: Path) -> None:
+    from virtcontainers.oci.spec import Process, find_program
+
+    root = tmp_path / "rootfs"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")  # merged /usr, as Debian's
+    tool = root / "usr/bin/python3.11"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    (root / "usr/bin/python3").symlink_to("/usr/bin/python3.11")  # absolute: inside the root
+    (root / "usr/bin/escape").symlink_to("/bin/sh")  # the host's /bin/sh must not count
+    env = ["PATH=/bin"]
+    assert find_program(root, Process(args=["python3"], env=env)) == tool
+    assert find_program(root, Process(args=["/bin/python3"])) == tool
+    assert find_program(root, Process(args=["escape"], env=env)) is None
+    assert find_program(root, Process(args=["missing"], env=env)) is None
+    (root / "usr/bin/data").write_text("not executable")
+    assert find_program(root, Process(args=["data"], env=env)) is None

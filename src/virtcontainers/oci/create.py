@@ -38,8 +38,13 @@ def create(
         ConfigError / AnnotationError: the VM config or an annotation is refused.
         ImageError: a disk could not be built.
     """
-    from virtcontainers.oci.shim import BOOT_TIMEOUT, ContainerJob, run_container
-    from virtcontainers.oci.spec import load_bundle
+    from virtcontainers.oci.shim import (
+        BOOT_TIMEOUT,
+        ContainerJob,
+        program_not_found,
+        run_container,
+    )
+    from virtcontainers.oci.spec import find_program, load_bundle
     from virtcontainers.oci.vm import (
         build_rootfs_disk,
         build_snapshots,
@@ -52,6 +57,9 @@ def create(
         raise ContainerError(f"container {container_id} already exists", id=container_id)
     bundle = load_bundle(bundle_dir)
     plan = plan_mounts(bundle)
+    if find_program(bundle.rootfs, bundle.process) is None:
+        # runc's words: podman turns them into exit code 127
+        raise program_not_found(bundle.process.args[0], container_id)
     if bundle.process.terminal and not console_socket:
         raise ContainerError("process.terminal is set but no --console-socket was given",
                              id=container_id)  # fmt: skip

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 from dataclasses import dataclass
 
-from virtcontainers.agent.client import ExecProcess
+from virtcontainers.agent.client import AgentRequestError, ExecProcess
+from virtcontainers.agent.protocol import ErrorCode
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive
-from virtcontainers.errors import VirtContainersError
+from virtcontainers.errors import ContainerError, VirtContainersError
 from virtcontainers.oci.ready import report
 from virtcontainers.oci.relay import FORWARDED_SIGNALS, Stdio, open_console, relay
 from virtcontainers.oci.spec import Bundle, Process
@@ -176,8 +178,34 @@ async def start_process(agent: ServerClient, process: Process, stdio: Stdio) -> 
     supplementary groups, umask, rlimits, terminal).
 
     Raises:
-        AgentRequestError: the agent refused (EXEC: the failing step and errno).
+        ContainerError: the program is not there or not executable (runc's words).
+        AgentRequestError: the agent refused otherwise (the failing step and errno).
     """
+    try:
+        return await _exec_stream(agent, process, stdio)
+    except AgentRequestError as exc:
+        raise exec_error(exc, process.args[0]) from None
+
+
+def program_not_found(program: str, container_id: str = "") -> ContainerError:
+    return ContainerError(
+        f"executable file `{program}` not found in $PATH: No such file or directory",
+        id=container_id,
+    )
+
+
+def exec_error(exc: AgentRequestError, program: str) -> VirtContainersError:
+    """An agent's failure to start a program, in the words of runc/crun: podman maps
+    "executable file not found" / "no such file" to exit 127, "permission denied" to 126."""
+    if exc.code == ErrorCode.EXEC and exc.message.startswith("execve"):
+        if exc.errno == errno.ENOENT:
+            return program_not_found(program)
+        if exc.errno == errno.EACCES:
+            return ContainerError(f"exec `{program}`: permission denied")
+    return exc
+
+
+async def _exec_stream(agent: ServerClient, process: Process, stdio: Stdio) -> ExecProcess:
     user = process.user
     return await agent.exec_stream(
         process.args,

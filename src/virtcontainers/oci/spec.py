@@ -248,6 +248,43 @@ def check_process(process: Process, what: str) -> None:
             )  # fmt: skip
 
 
+def find_program(rootfs: Path, process: Process) -> Path | None:
+    """Where ``process.args[0]`` is in ``rootfs`` (looked up in the process's PATH, symlinks
+    resolved inside the root as the guest will), or None: runc's check at create."""
+    program = process.args[0]
+    if "/" in program:
+        candidates = [program if program.startswith("/") else f"{process.cwd}/{program}"]
+    else:
+        path = process.environment().get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                         "/usr/bin:/sbin:/bin")  # fmt: skip
+        candidates = [f"{d or '.'}/{program}" for d in path.split(":")]
+    for candidate in candidates:
+        found = _resolve_in(rootfs, candidate)
+        if found is not None and found.is_file() and os.access(found, os.X_OK):
+            return found
+    return None
+
+
+def _resolve_in(root: Path, path: str, hops: int = 40) -> Path | None:
+    """``path`` inside ``root`` with its symlinks resolved as if ``root`` were ``/``."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    current = root
+    while parts and hops > 0:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops -= 1
+            target = os.readlink(candidate)
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            current = root if target.startswith("/") else current
+            continue
+        current = candidate
+    return current if hops > 0 else None
+
+
 def load_process(path: str | os.PathLike[str]) -> Process:
     """An exec's process (``exec --process P.json``).
 
