@@ -15,7 +15,7 @@ from pathlib import Path
 
 from virtcontainers.errors import ContainerError
 from virtcontainers.fsutil import atomic_write
-from virtcontainers.oci.ready import wait_report
+from virtcontainers.oci.ready import child_main, wait_report
 from virtcontainers.oci.state import StateDir
 
 __all__ = ["create"]
@@ -75,11 +75,7 @@ def create(
         child = os.fork()
         if child == 0:  # the container process
             os.close(ready_r)
-            code = 1
-            try:
-                code = run_container(job, ready_w)
-            finally:
-                os._exit(code)
+            child_main(lambda: run_container(job, ready_w))
         os.close(ready_w)
         reply = wait_report(ready_r, BOOT_TIMEOUT + 30.0)
         if reply != "ok":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from virtcontainers.errors import BundleError, ContainerError, VirtContainersError
 from virtcontainers.fsutil import atomic_write
-from virtcontainers.oci.ready import report, wait_report
+from virtcontainers.oci.ready import child_main, report, wait_report
 from virtcontainers.oci.relay import Stdio, open_console, relay
 from virtcontainers.oci.spec import Process, User, check_process
 from virtcontainers.oci.state import ContainerState, StateDir
@@ -57,8 +57,9 @@ def exec_process(
     started).
 
     Raises:
-        ContainerError: it could not be started (the agent's words: 127-style "execve
-            NAME: No such file or directory").
+        ContainerError: it could not be started: runc's words for a missing program
+            ("executable file `X` not found", which podman turns into 127), else the
+            agent's reason. AgentError: the sandbox server does not answer.
     """
     if process.terminal and not console_socket:
         raise ContainerError("a terminal needs --console-socket", id=state.id)
@@ -74,27 +75,34 @@ def exec_process(
     child = os.fork()
     if child == 0:
         os.close(ready_r)
-        code = 1
-        try:
-            os.setsid()
-            stdio = Stdio()
-            try:
-                if process.terminal and console_socket:
-                    stdio = open_console(console_socket, size)
-            except VirtContainersError as exc:
-                report(ready_w, f"error: {exc}")
-                os._exit(1)
-            code = asyncio.run(_run(run_dir, process, stdio, ready_w))
-        finally:
-            os._exit(code)
+        child_main(lambda: _detached(run_dir, process, console_socket, size, ready_w))
     os.close(ready_w)
     reply = wait_report(ready_r, 60.0)
     if reply != "ok":
-        with_pid = reply.removeprefix("error: ") or "the exec process died while starting"
-        raise ContainerError(f"exec in container {state.id}: {with_pid}", id=state.id)
+        why = reply.removeprefix("error: ") or "the exec process died while starting"
+        raise ContainerError(f"exec in container {state.id}: {why}", id=state.id)
     if pid_file is not None:
         atomic_write(pid_file.absolute(), str(child).encode())
     return 0
+
+
+def _detached(
+    run_dir: Path,
+    process: Process,
+    console_socket: str | None,
+    size: tuple[int, int] | None,
+    ready_fd: int,
+) -> int:
+    """The forked exec relay: a session of its own (the pty becomes its terminal)."""
+    os.setsid()
+    stdio = Stdio()
+    try:
+        if process.terminal and console_socket:
+            stdio = open_console(console_socket, size)
+    except VirtContainersError as exc:
+        report(ready_fd, f"error: {exc}")
+        return 1
+    return asyncio.run(_run(run_dir, process, stdio, ready_fd))
 
 
 async def _run(run_dir: Path, process: Process, stdio: Stdio, ready_fd: int) -> int:
@@ -106,7 +114,7 @@ async def _run(run_dir: Path, process: Process, stdio: Stdio, ready_fd: int) -> 
         proc = await start_process(agent, process, stdio)
     except VirtContainersError as exc:
         if ready_fd < 0:
-            raise ContainerError(str(exc)) from None
+            raise
         report(ready_fd, f"error: {exc}")
         return 1
     report(ready_fd, "ok")

@@ -6,9 +6,26 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import sys
 import time
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
-__all__ = ["report", "wait_report"]
+__all__ = ["child_main", "report", "wait_report"]
+
+
+def child_main(body: Callable[[], int]) -> NoReturn:
+    """Run a forked child's ``body`` and leave with its code, never returning into the
+    parent's code; an unexpected error is printed (conmon shows it) and exits 1."""
+    code = 1
+    try:
+        code = body()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def report(fd: int, message: str) -> None:
