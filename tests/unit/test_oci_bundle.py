@@ -222,3 +222,30 @@ def test_find_program_resolves_symlinks_inside_the_root(tmp_path: Path) -> None:
     assert find_program(root, Process(args=["missing"], env=env)) is None
     (root / "usr/bin/data").write_text("not executable")
     assert find_program(root, Process(args=["data"], env=env)) is None
+
+
+def test_errors_also_go_to_the_log_as_json_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "runtime.log"
+    args = ["--root", str(tmp_path), "--log", str(log), "--log-format", "json"]
+    assert main([*args, "state", "gone"]) == 1
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error"
+    assert entry["msg"] == "container gone does not exist"
+    assert "vc-runtime: container gone does not exist" in capsys.readouterr().err
+
+
+def test_list_and_features(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    states = StateDir(tmp_path)
+    states.create("c5", tmp_path, {})
+    states.update("c5", status=Status.STOPPED)
+    assert main(["--root", str(tmp_path), "list", "--format", "json"]) == 0
+    [doc] = json.loads(capsys.readouterr().out)
+    assert (doc["id"], doc["status"], doc["pid"]) == ("c5", "stopped", 0)
+    assert main(["--root", str(tmp_path), "list", "-q"]) == 0
+    assert capsys.readouterr().out == "c5\n"
+    assert main(["features"]) == 0
+    features = json.loads(capsys.readouterr().out)
+    assert features["hooks"] == []
+    assert "network" in features["linux"]["namespaces"]
