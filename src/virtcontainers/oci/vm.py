@@ -142,6 +142,7 @@ def build_rootfs_disk(bundle: Bundle, directory: Path) -> BlockDrive:
     """
     out = directory / "rootfs.img"
     build_root_disk(bundle.rootfs, out, ref=str(bundle.rootfs))
+    out.chmod(0o600)
     return BlockDrive(file=str(out), id=IMAGE_DRIVE_ID, read_only=True)
 
 
