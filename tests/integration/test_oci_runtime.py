@@ -105,6 +105,10 @@ def test_lifecycle_created_running_stopped_and_nothing_left(
     assert state["pid"] == int(pid_file.read_text()) > 0
     assert state["bundle"] == str(bundle)
     os.kill(state["pid"], 0)  # the container process conmon would wait for is alive
+    directory = StateDir(root).path("ctr1")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [directory, *directory.iterdir()]}
+    assert modes == {"ctr1": 0o700, "state.json": 0o600, "shim.sock": 0o600,
+                     "rootfs.img": 0o600, "vcm-0.img": 0o600}  # fmt: skip
 
     assert run("start", "ctr1").returncode == 0
     assert _wait_status(run, "ctr1", "running")["status"] == "running"
