@@ -41,12 +41,14 @@ class Podman:
     argv: list[str]
     env: dict[str, str]
 
-    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.argv, *args], capture_output=True, text=True,
+    def __call__(
+        self, *args: str, timeout: float = 300, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.argv, *args], capture_output=True, text=True, input=input,
                               timeout=timeout, check=False, env=self.env)  # fmt: skip
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self("run", "--network", "none", *args)
+    def run(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self("run", "--network", "none", *args, input=input)
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +103,22 @@ def test_python_prints_42_and_nothing_is_left(podman: Podman) -> None:
     assert _nothing_left(cid) == []
 
 
-def test_exit_code_env_workdir_user_and_a_volume(podman: Podman, tmp_path: Path) -> None:
+def test_exit_code_stdio_env_workdir_user_and_a_volume(podman: Podman, tmp_path: Path) -> None:
     volume = tmp_path / "vol"
     volume.mkdir()
     volume.chmod(0o777)  # uid 1000 writes into it, as it could with runc
     (volume / "hello.txt").write_text("host content\n")
     script = ('echo "$FOO|$(pwd)|$(id -u):$(id -g)"; cat /data/hello.txt; '
-              "echo from-guest > /data/new.txt && cat /data/new.txt; exit 3")  # fmt: skip
-    out = podman.run("--rm", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1000",
+              "echo from-guest > /data/new.txt && cat /data/new.txt; "
+              "read line; echo stdin:$line; echo to-stderr >&2; exit 3")  # fmt: skip
+    out = podman.run("--rm", "-i", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1000",
                      "-v", f"{volume}:/data", "localhost/vc-busybox:test",
-                     "sh", "-c", script)  # fmt: skip
+                     "sh", "-c", script, input="typed\n")  # fmt: skip
     assert out.returncode == 3, out.stderr
-    assert out.stdout.splitlines() == ["bar|/tmp|1000:1000", "host content", "from-guest"]
+    assert out.stdout.splitlines() == [
+        "bar|/tmp|1000:1000", "host content", "from-guest", "stdin:typed",
+    ]  # fmt: skip
+    assert "to-stderr" in out.stderr
     # The volume is a snapshot: the guest's writes do not come back (docs/oci-runtime.md).
     assert sorted(p.name for p in volume.iterdir()) == ["hello.txt"]
 
