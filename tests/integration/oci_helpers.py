@@ -15,13 +15,15 @@ RUNTIME = str(Path(sys.executable).with_name("vc-runtime"))
 
 def kata_config(image: GuestImage, path: Path) -> Path:
     """A configuration-qemu.toml of the test guest image (podman passes the runtime almost
-    no environment, so the runtime is told where the image is)."""
+    no environment, so the runtime is told where the image is); the memory size may be
+    set by annotation."""
     path.write_text(
         "[hypervisor.qemu]\n"
         'path = "/usr/bin/qemu-system-x86_64"\n'
         f'kernel = "{image.kernel}"\n'
         f'initrd = "{image.initrd}"\n'
         "default_memory = 512\n"
+        'enable_annotations = ["default_memory"]\n'
     )
     return path
 

@@ -110,17 +110,28 @@ def test_exit_code_stdio_env_workdir_user_and_a_volume(podman: Podman, tmp_path:
     (volume / "hello.txt").write_text("host content\n")
     script = ('echo "$FOO|$(pwd)|$(id -u):$(id -g)"; cat /data/hello.txt; '
               "echo from-guest > /data/new.txt && cat /data/new.txt; "
-              "read line; echo stdin:$line; echo to-stderr >&2; exit 3")  # fmt: skip
+              "read line; echo stdin:$line; echo to-stderr >&2; head -1 /proc/meminfo; "
+              "exit 3")  # fmt: skip
+    memory = "io.katacontainers.config.hypervisor.default_memory=1024"  # enabled in the config
     out = podman.run("--rm", "-i", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1000",
-                     "-v", f"{volume}:/data", "localhost/vc-busybox:test",
-                     "sh", "-c", script, input="typed\n")  # fmt: skip
+                     "-v", f"{volume}:/data", "--annotation", memory,
+                     "localhost/vc-busybox:test", "sh", "-c", script, input="typed\n")  # fmt: skip
     assert out.returncode == 3, out.stderr
-    assert out.stdout.splitlines() == [
-        "bar|/tmp|1000:1000", "host content", "from-guest", "stdin:typed",
-    ]  # fmt: skip
+    *lines, meminfo = out.stdout.splitlines()
+    assert lines == ["bar|/tmp|1000:1000", "host content", "from-guest", "stdin:typed"]
+    assert 900_000 < int(meminfo.split()[1]) <= 1024 * 1024  # kB: the 1 GiB VM, not 512 MiB
     assert "to-stderr" in out.stderr
     # The volume is a snapshot: the guest's writes do not come back (docs/oci-runtime.md).
     assert sorted(p.name for p in volume.iterdir()) == ["hello.txt"]
+
+
+def test_a_refused_annotation_fails_run_before_any_vm_boots(podman: Podman) -> None:
+    vcpus = "io.katacontainers.config.hypervisor.default_vcpus=2"  # not enabled
+    out = podman.run("--rm", "--annotation", vcpus, "localhost/vc-busybox:test", "true")
+    assert out.returncode != 0
+    assert "annotation io.katacontainers.config.hypervisor.default_vcpus is not enabled" in (
+        out.stderr
+    )
 
 
 def test_a_missing_program_is_exit_127_before_any_vm_boots(podman: Podman) -> None:
