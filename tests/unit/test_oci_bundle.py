@@ -54,7 +54,7 @@ def _bundle(tmp_path: Path, spec: object, *, rootfs: bool = True) -> Path:
         (_spec(process={"args": ["sh"], "cwd": "tmp"}), True, "must be absolute"),
         (_spec(hooks={"prestart": [{"path": "/bin/true"}]}), True, "hooks is unsupported"),
         (_spec(linux={"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]}), True,
-         "cannot enter a host namespace"),
+         "cannot enter a host namespace (with podman: --network none)"),
         (_spec(linux={"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}), True,
          "linux.uidMappings is unsupported"),
         (_spec(mounts=[{"destination": "/n", "type": "nfs", "source": "h:/x"}]), True,

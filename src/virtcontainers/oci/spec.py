@@ -210,9 +210,10 @@ def load_bundle(bundle: str | os.PathLike[str]) -> Bundle:
                     field="linux.namespaces", allowed=sorted(VM_NAMESPACES),
                 )  # fmt: skip
             if ns.path:
+                hint = " (with podman: --network none)" if ns.type == "network" else ""
                 raise BundleError(
                     f"{config}: joining the {ns.type} namespace {ns.path} is unsupported: the "
-                    "container runs in a VM, which cannot enter a host namespace",
+                    f"container runs in a VM, which cannot enter a host namespace{hint}",
                     field="linux.namespaces",
                 )
     for i, mount in enumerate(spec.mounts):
