@@ -222,6 +222,13 @@ def test_find_program_resolves_symlinks_inside_the_root(tmp_path: Path) -> None:
     assert find_program(root, Process(args=["missing"], env=env)) is None
     (root / "usr/bin/data").write_text("not executable")
     assert find_program(root, Process(args=["data"], env=env)) is None
+    # a bind-mounted program (podman run --init) arrives in the guest only
+    assert find_program(root, Process(args=["/run/podman-init"]), ["/run/podman-init"]) == (
+        "/run/podman-init"
+    )
+    assert find_program(root, Process(args=["tool"], env=["PATH=/opt/bin"]), ["/opt"]) == (
+        "/opt/bin/tool"
+    )
 
 
 def test_errors_also_go_to_the_log_as_json_lines(

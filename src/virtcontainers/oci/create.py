@@ -57,7 +57,8 @@ def create(
         raise ContainerError(f"container {container_id} already exists", id=container_id)
     bundle = load_bundle(bundle_dir)
     plan = plan_mounts(bundle)
-    if find_program(bundle.rootfs, bundle.process) is None:
+    mounted = [m.destination for m in bundle.spec.mounts]
+    if find_program(bundle.rootfs, bundle.process, mounted) is None:
         # runc's words: podman turns them into exit code 127
         raise program_not_found(bundle.process.args[0], container_id)
     if bundle.process.terminal and not console_socket:

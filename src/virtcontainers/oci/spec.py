@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,9 +250,12 @@ def check_process(process: Process, what: str) -> None:
             )  # fmt: skip
 
 
-def find_program(rootfs: Path, process: Process) -> Path | None:
+def find_program(rootfs: Path, process: Process, mounted: Sequence[str] = ()) -> Path | str | None:
     """Where ``process.args[0]`` is in ``rootfs`` (looked up in the process's PATH, symlinks
-    resolved inside the root as the guest will), or None: runc's check at create."""
+    resolved inside the root as the guest will), or None: runc's check at create. A
+    candidate at or under one of the ``mounted`` destinations (``podman run --init``'s
+    ``/run/podman-init``, a volume) is taken as found, as a string: its content arrives in
+    the guest only."""
     program = process.args[0]
     if "/" in program:
         candidates = [program if program.startswith("/") else f"{process.cwd}/{program}"]
@@ -260,6 +264,8 @@ def find_program(rootfs: Path, process: Process) -> Path | None:
                                          "/usr/bin:/sbin:/bin")  # fmt: skip
         candidates = [f"{d or '.'}/{program}" for d in path.split(":")]
     for candidate in candidates:
+        if any(candidate == m or candidate.startswith(m.rstrip("/") + "/") for m in mounted):
+            return candidate
         found = _resolve_in(rootfs, candidate)
         if found is not None and found.is_file() and os.access(found, os.X_OK):
             return found

@@ -247,8 +247,10 @@ async def apply_in_guest(agent: AgentClient, plan: MountPlan) -> None:
         await agent.mount(m.target, source=m.source, fstype=m.fstype, flags=m.flags, data=m.data)
     for destination, source in plan.files:
         # In place: the agent has bind-mounted some of these (/etc/hostname, /etc/hosts),
-        # and a rename onto a mount point fails.
-        await agent.write_file(destination, source.read_bytes(), 0o644, atomic=False,
+        # and a rename onto a mount point fails. The mode is the host file's (podman's
+        # --init binary must stay executable).
+        mode = stat.S_IMODE(source.stat().st_mode)
+        await agent.write_file(destination, source.read_bytes(), mode, atomic=False,
                                parents=True)  # fmt: skip
     if plan.readonly_root:
         await agent.mount("/", flags=MountFlag.REMOUNT | MountFlag.BIND | MountFlag.RDONLY)
