@@ -21,6 +21,7 @@ from typing import ClassVar, Protocol, TypeVar
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import AgentSocket, ColdPlugDevice, HotplugDevice, MemoryDevice
 from virtcontainers.errors import ConfigError, StateError, UnsupportedError
+from virtcontainers.lifecycle import VmState
 from virtcontainers.persist.hypervisor_state import HypervisorState
 from virtcontainers.telemetry.tracing import instrument_hypervisor
 
@@ -93,17 +94,6 @@ class Capabilities:
 
     def names(self) -> list[str]:
         return [c.name.lower() for c in Capability if c.name and c and c in self]
-
-
-class VmState(enum.StrEnum):
-    """Lifecycle of one VM. Transitions are guarded; see :meth:`Hypervisor._require`."""
-
-    NEW = "new"
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)

@@ -7,29 +7,32 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from virtcontainers.errors import StoreError
-from virtcontainers.persist.store import SandboxDocument, StateStore
+from virtcontainers.lifecycle import VmState
+from virtcontainers.persist.document import SandboxDocument
+from virtcontainers.persist.records import ExitRecord, json_object
+from virtcontainers.persist.store import StateStore
 from virtcontainers.procfs import process_matches
 
 __all__ = ["SandboxInfo", "list_sandboxes"]
 
 log = logging.getLogger(__name__)
 
-#: The lifecycle values (``VmState``) of a sandbox whose VM should be up.
-_LIVE = ("running", "paused")
+#: What ``vc ps`` says of a record that says the VM runs when its VMM is gone and nobody
+#: recorded its end (the process that owned it died with it, or the host rebooted).
+GONE = ExitRecord(reason="the VMM is gone; nobody recorded how it ended")
 
 
 @dataclass(frozen=True)
 class SandboxInfo:
-    """What ``vc ps`` shows. ``state`` is checked against the live process, not just read."""
+    """What ``vc ps`` shows. ``state`` is checked against the live process, not just read:
+    a record saying RUNNING or PAUSED whose VMM is gone shows EXITED."""
 
     id: str
-    state: str
+    state: VmState
     hypervisor: str
     pid: int
     created_at: float
@@ -37,19 +40,23 @@ class SandboxInfo:
     #: The sandbox server: "running", "dead" (the VM may run on: `vc stop`/`vc rm` clean up)
     #: or "" (none: created, stopped, or run in a library process).
     server: str = ""
-    #: How the VM ended, when it did: {"reason", "time", "exit_code"}.
-    exit: dict[str, object] | None = None
+    #: How the VM ended, when it did (reason, time, exit code where known).
+    exit: ExitRecord | None = None
     #: vCPUs and memory (MiB) now: the boot size plus what was hot-plugged.
     vcpus: int = 0
     memory_mb: int = 0
     #: Ids of hot-plugged devices (disks, NICs, ...), in plug order.
     devices: tuple[str, ...] = ()
     #: Mode, published ports, egress policy, and (while it runs) the addresses and names
-    #: (``virtcontainers.network.Attachment.to_dict``).
+    #: (``virtcontainers.persist.records.NetworkRecord``).
     network: dict[str, object] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        """JSON-ready (``vc ps --json``)."""
+        out = dataclasses.asdict(self)
+        out["state"] = self.state.value
+        out["exit"] = None if self.exit is None else json_object(self.exit)
+        return out
 
 
 def list_sandboxes(store: StateStore | None = None) -> list[SandboxInfo]:
@@ -63,7 +70,7 @@ def list_sandboxes(store: StateStore | None = None) -> list[SandboxInfo]:
             log.warning("skipping sandbox %s: %s", sandbox_id, exc)
             continue
         info = _info(doc)
-        if info.state not in _LIVE and ("tap" in info.network or "keeper_pid" in info.network):
+        if not info.state.live and doc.network.has_host_side:
             _sweep_network(doc)
         out.append(info)
     return out
@@ -75,43 +82,45 @@ def _sweep_network(doc: SandboxDocument) -> None:
     backstop. Imported here only: most listings have nothing to sweep."""
     from virtcontainers.network import Attachment
 
-    data = json.loads(doc.extra.get("network", "{}") or "{}")
-    Attachment.from_dict(data, doc.id, doc.hypervisor.run_dir).sweep()
+    Attachment.from_record(doc.network, doc.id, doc.hypervisor.run_dir).sweep()
 
 
 def _info(doc: SandboxDocument) -> SandboxInfo:
-    state = doc.state
+    state, exit_record = doc.state, doc.exit
     pid = doc.hypervisor.pid
-    if state in (_LIVE) and not (pid and process_matches(pid, doc.hypervisor.run_dir)):
-        state = "exited"
+    if state.live and not (pid and process_matches(pid, doc.hypervisor.run_dir)):
+        state, exit_record, pid = VmState.EXITED, exit_record or GONE, 0
     server = ""
-    owner = int(doc.extra.get("owner_pid", "0") or 0)
-    if owner and state in (_LIVE):
+    owner = doc.owner_pid
+    if owner and state.live:
         alive = process_matches(owner, "virtcontainers.server") and process_matches(owner, doc.id)
         server = "running" if alive else "dead"
-    exit_info = json.loads(doc.extra["exit"]) if "exit" in doc.extra else None
     resources = doc.config.get("resources")
     boot_vcpus = boot_mem = 0
     if isinstance(resources, dict):
         boot_vcpus = int(resources.get("num_vcpus", 0) or 0)
         boot_mem = int(resources.get("memory_size", 0) or 0)
-    plugged = json.loads(doc.extra.get("hotplugged", "[]"))
     return SandboxInfo(
         id=doc.id,
         state=state,
         hypervisor=doc.hypervisor_type,
-        pid=pid if state != "exited" else 0,
+        pid=pid,
         created_at=doc.created_at,
         run_dir=doc.hypervisor.run_dir,
         server=server,
-        exit=exit_info,
+        exit=exit_record,
         vcpus=boot_vcpus + len(doc.hypervisor.hotplugged_vcpus),
         memory_mb=boot_mem + doc.hypervisor.hotplugged_memory,
-        devices=tuple(str(json.loads(d).get("id", "")) for d in plugged),
-        network=json.loads(doc.extra.get("network", "{}") or "{}"),
+        devices=tuple(str(record.spec.get("id", "")) for record in doc.hotplugged),
+        network=_network(doc),
     )
 
 
-def _append_json(extra: Mapping[str, str], entry: str) -> str:
-    """``extra["hotplugged"]``: a JSON list of JSON device documents, one more appended."""
-    return json.dumps([*json.loads(extra.get("hotplugged", "[]")), entry])
+def _network(doc: SandboxDocument) -> dict[str, object]:
+    """The record's network, with a tap network's names and addresses (netns, veth) spelt
+    out for ``vc ps --json``. Imported here only: most sandboxes have no tap network."""
+    if doc.network.tap is None:
+        return json_object(doc.network)
+    from virtcontainers.network import Attachment
+
+    return Attachment.from_record(doc.network, doc.id, doc.hypervisor.run_dir).to_dict()

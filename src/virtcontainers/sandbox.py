@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import secrets
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from virtcontainers.agent.client import AgentClient, ExecProcess, ExecResult
 from virtcontainers.config import HypervisorConfig
@@ -50,10 +51,19 @@ from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
 from virtcontainers.images.pull import ensure_image
 from virtcontainers.images.sandbox_image import SandboxImage
 from virtcontainers.images.store import ImageStore, StoredImage
-from virtcontainers.listing import SandboxInfo, _append_json, _info, list_sandboxes
+from virtcontainers.listing import SandboxInfo, _info, list_sandboxes
 from virtcontainers.network import Attachment, NetworkSpec
+from virtcontainers.persist.document import SandboxDocument
 from virtcontainers.persist.hypervisor_state import HypervisorState
-from virtcontainers.persist.store import SandboxDocument, StateStore
+from virtcontainers.persist.records import (
+    AgentChannel,
+    DeviceRecord,
+    ExitRecord,
+    HybridVsockChannel,
+    SerialChannel,
+    VsockChannel,
+)
+from virtcontainers.persist.store import StateStore
 from virtcontainers.process import VmmProcess, process_matches
 from virtcontainers.telemetry.tracing import traced
 
@@ -194,28 +204,24 @@ class Sandbox:
         sandbox_id = id or secrets.token_hex(6)
         run_dir = store.create_sandbox_dir(sandbox_id)
         all_devices = list(devices)
-        extra = {}
         if sandbox_image is not None:
             try:
                 all_devices = [*sandbox_image.devices(run_dir), *all_devices]
             except BaseException:
                 store.delete(sandbox_id)
                 raise
-            extra["image"] = sandbox_image.to_json()
         doc = SandboxDocument(
             id=sandbox_id,
             hypervisor_type=kind.value,
-            state=VmState.CREATED.value,
+            state=VmState.CREATED,
             created_at=time.time(),
             hypervisor=HypervisorState(
                 type=kind.value, run_dir=str(run_dir), sandbox_id=sandbox_id
             ),
             config=config_to_dict(config),
-            extra={
-                **extra,
-                "devices": json.dumps([_device_to_dict(d) for d in all_devices]),
-                "network": json.dumps(spec.to_dict()),
-            },
+            devices=tuple(DeviceRecord.of(d) for d in all_devices),
+            network=Attachment(spec=spec, sandbox_id=sandbox_id, run_dir=str(run_dir)).to_record(),
+            image=sandbox_image,
         )
         store.save(sandbox_id, doc)
         sandbox = cls(doc, store)
@@ -228,16 +234,18 @@ class Sandbox:
         """An existing sandbox, from its record. Connections are made when first needed.
 
         Raises:
-            StoreError: no such sandbox, or its record is unreadable.
+            StoreError: no such sandbox, or its record is unreadable (named with its path).
         """
         store = store or StateStore()
         doc = store.load(id)
         sandbox = cls(doc, store)
-        sandbox._devices = [
-            _device_from_dict(d) for d in json.loads(doc.extra.get("devices", "[]"))
-        ]
-        if doc.extra.get("image"):
-            sandbox._image = SandboxImage.from_json(doc.extra["image"])
+        try:
+            sandbox._devices = [record.cold_plug() for record in doc.devices]
+        except ValueError as exc:  # a hot-plug-only device in the cold-plug list
+            path = str(store.state_path(id))
+            raise StoreError(f"corrupt state document: {exc}", path=path) from exc
+        if doc.image is not None:
+            sandbox._image = SandboxImage.from_record(doc.image)
         return sandbox
 
     @staticmethod
@@ -263,9 +271,8 @@ class Sandbox:
         return _info(self._doc)
 
     @property
-    def agent_channel(self) -> Mapping[str, object]:
-        """The recorded agent channel (``{"kind": "serial", "path": ...}``; empty before
-        the VM started)."""
+    def agent_channel(self) -> AgentChannel | None:
+        """The recorded agent channel (None before the VM started)."""
         return self._doc.agent
 
     @property
@@ -312,8 +319,8 @@ class Sandbox:
             )
             self.reload()
             return
-        if self._doc.state != VmState.CREATED.value:
-            raise StateError("start", self._doc.state, [VmState.CREATED.value])
+        if self._doc.state is not VmState.CREATED:
+            raise StateError("start", self._doc.state, [VmState.CREATED])
         if server:
             from virtcontainers.server.spawn import start_server
 
@@ -341,14 +348,15 @@ class Sandbox:
             await net.started(hv.save().pid)
             self._save_network(net)
             channel = await hv.generate_socket(self.id)
-            self._save(VmState.RUNNING, agent=_channel_to_dict(channel))
+            self._save(VmState.RUNNING, agent=_channel_record(channel))
             await self._wait_for_agent(deadline, timeout)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 await hv.stop_sandbox()
             with contextlib.suppress(Exception):
                 await self._teardown_network()
-            self._save(VmState.FAILED)
+            why = f"the boot failed: {str(exc) or type(exc).__name__}"
+            self._save(VmState.FAILED, exit=ExitRecord(reason=why, time=time.time()))
             raise
         if detach:
             await self._release()
@@ -400,11 +408,12 @@ class Sandbox:
             await remote.call("stop", timeout=120.0, wait_only=wait_only)
             await self._server_gone()
             return
-        if self._doc.state in (VmState.STOPPED.value, VmState.CREATED.value):
-            if self._doc.state == VmState.CREATED.value:
+        if not self._doc.state.live:
+            if self._doc.state is VmState.CREATED:
                 await _kill_unrecorded_vmm(self.run_dir)
             await self._teardown_network()
-            self._save(VmState.STOPPED)
+            # An ended VM keeps its state and how it ended: stopping it again changes nothing.
+            self._save(self._doc.state if self._doc.state.ended else VmState.STOPPED)
             return
         try:
             # Reattach first: that also connects this process to the console (when nobody
@@ -444,9 +453,9 @@ class Sandbox:
             await remote.call("remove", timeout=120.0)
             await self._server_gone(removed=True)
             return
-        if self._doc.state in (VmState.RUNNING.value, VmState.PAUSED.value):
+        if self._doc.state.live:
             await self.stop()
-        elif self._doc.state == VmState.CREATED.value:
+        elif self._doc.state is VmState.CREATED:
             await _kill_unrecorded_vmm(self.run_dir)
         await self._teardown_network()
         self._store.delete(self.id)
@@ -457,9 +466,9 @@ class Sandbox:
         return _attachment(self._doc)
 
     def _save_network(self, net: Attachment) -> None:
-        data = json.dumps(net.to_dict())
+        record = net.to_record()
         self._doc = self._store.update(
-            self.id, lambda d: dataclasses.replace(d, extra={**d.extra, "network": data})
+            self.id, lambda d: msgspec.structs.replace(d, network=record)
         )
 
     async def _teardown_network(self) -> None:
@@ -610,14 +619,12 @@ class Sandbox:
             await self._online_cpus(before + plugged.amount)
         if isinstance(plugged, MemoryDevice) and plugged.size_mb:
             await self._online_memory(plugged.size_mb // MEMORY_BLOCK_MB)
-        self._save(VmState(self._doc.state))
+        self._save(self._doc.state)
         if not isinstance(plugged, CpuDevice | MemoryDevice):
-            entry = json.dumps(_device_to_dict(plugged))
+            record = DeviceRecord.of(plugged)
             self._doc = self._store.update(
                 self.id,
-                lambda d: dataclasses.replace(
-                    d, extra={**d.extra, "hotplugged": _append_json(d.extra, entry)}
-                ),
+                lambda d: msgspec.structs.replace(d, hotplugged=(*d.hotplugged, record)),
             )
         return plugged
 
@@ -633,7 +640,7 @@ class Sandbox:
         old, new = await (await self._control()).resize_vcpus(vcpus)
         if new > old:
             await self._online_cpus(new)
-        self._save(VmState(self._doc.state))
+        self._save(self._doc.state)
         return old, new
 
     @traced("sandbox.resize_memory", lambda sb, mem_mb: {**_ids(sb), "vc.memory_mib": mem_mb})
@@ -646,7 +653,7 @@ class Sandbox:
         new, dimm = await (await self._control()).resize_memory(mem_mb, MEMORY_BLOCK_MB, False)
         if dimm.size_mb:
             await self._online_memory(dimm.size_mb // MEMORY_BLOCK_MB)
-        self._save(VmState(self._doc.state))
+        self._save(self._doc.state)
         return new
 
     # The guest learns of a new CPU or DIMM from an ACPI event it handles asynchronously:
@@ -691,8 +698,8 @@ class Sandbox:
         """The driver, reattached to the running VMM when another process started it."""
         if self._hv is not None:
             return self._hv
-        if self._doc.state not in (VmState.RUNNING.value, VmState.PAUSED.value):
-            raise StateError("control the VM", self._doc.state, ["running", "paused"])
+        if not self._doc.state.live:
+            raise StateError("control the VM", self._doc.state, [VmState.RUNNING, VmState.PAUSED])
         hv = _new_hypervisor(self._doc.hypervisor_type)
         hv.set_sandbox(_Context(self.id, self.run_dir))
         await hv.reattach(self._doc.hypervisor, self.config)
@@ -792,7 +799,7 @@ class Sandbox:
 
     async def _wait_for_owner(self, timeout: float = 10.0) -> None:
         """Wait for a detached owner (the shim logging the console) to finish writing."""
-        pid = int(self._doc.extra.get("owner_pid", "0") or 0)
+        pid = self._doc.owner_pid
         if not pid or pid == os.getpid() or not process_matches(pid, self.id):
             return
         owner = VmmProcess.adopt(pid)
@@ -803,24 +810,27 @@ class Sandbox:
 
     def set_owner(self, pid: int) -> None:
         """Record the process that logs this sandbox's console (see ``virtcontainers.shim``)."""
-        self._doc = self._store.update(
-            self.id,
-            lambda d: dataclasses.replace(d, extra={**d.extra, "owner_pid": str(pid)}),
-        )
+        self._doc = self._store.update(self.id, lambda d: msgspec.structs.replace(d, owner_pid=pid))
 
     def _save(
-        self, state: VmState, *, agent: dict[str, object] | None = None, pid: int | None = None
+        self,
+        state: VmState,
+        *,
+        agent: AgentChannel | None = None,
+        pid: int | None = None,
+        exit: ExitRecord | None = None,
     ) -> None:
         hv_state = self._hv.save() if self._hv is not None else self._doc.hypervisor
         if pid is not None:
-            hv_state = dataclasses.replace(hv_state, pid=pid)
+            hv_state = msgspec.structs.replace(hv_state, pid=pid)
 
         def change(d: SandboxDocument) -> SandboxDocument:
-            return dataclasses.replace(
+            return msgspec.structs.replace(
                 d,
-                state=state.value,
+                state=state,
                 hypervisor=hv_state,
                 agent=agent if agent is not None else d.agent,
+                exit=exit if exit is not None else d.exit,
             )
 
         self._doc = self._store.update(self.id, change)
@@ -828,7 +838,7 @@ class Sandbox:
     # -- context manager --------------------------------------------------------------
 
     async def __aenter__(self) -> Sandbox:
-        if self._doc.state == VmState.CREATED.value:
+        if self._doc.state is VmState.CREATED:
             await self.start()
         return self
 
@@ -842,8 +852,7 @@ class Sandbox:
 
 
 def _attachment(doc: SandboxDocument) -> Attachment:
-    data = json.loads(doc.extra.get("network", "{}") or "{}")
-    return Attachment.from_dict(data, doc.id, doc.hypervisor.run_dir)
+    return Attachment.from_record(doc.network, doc.id, doc.hypervisor.run_dir)
 
 
 def _count_cpu_list(text: str) -> int:
@@ -857,27 +866,18 @@ def _count_cpu_list(text: str) -> int:
     return count
 
 
-def _channel_to_dict(channel: AgentSocket) -> dict[str, object]:
+def _channel_record(channel: AgentSocket) -> AgentChannel:
     match channel:
         case SerialPort():
-            return {"kind": "serial", "path": channel.host_path}
+            return SerialChannel(path=channel.host_path)
         case HybridVSock():
-            return {"kind": "hybrid-vsock", "path": channel.uds_path, "port": channel.port}
+            return HybridVsockChannel(path=channel.uds_path, port=channel.port)
         case VSock():
-            return {"kind": "vsock", "cid": channel.context_id, "port": channel.port}
+            return VsockChannel(cid=channel.context_id, port=channel.port)
 
 
 def _device_to_dict(device: ColdPlugDevice | HotplugDevice) -> dict[str, object]:
     return {"type": type(device).__name__, **dataclasses.asdict(device)}
-
-
-def _device_from_dict(data: dict[str, object]) -> ColdPlugDevice:
-    from virtcontainers import devices
-
-    fields = dict(data)
-    cls = getattr(devices, str(fields.pop("type")))
-    device: ColdPlugDevice = cls(**fields)
-    return device
 
 
 def _hotplug_from_dict(data: dict[str, object]) -> HotplugDevice:

@@ -3,17 +3,18 @@ error is StoreError, and no temp file is left. A real tmpfs, mounted by the test
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.reliability.tmpfs import fill, mount, small_tmpfs
 from virtcontainers import Sandbox
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.errors import StoreError
+from virtcontainers.lifecycle import VmState
 from virtcontainers.persist.store import StateStore
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -45,10 +46,10 @@ async def test_disk_full_during_a_state_write(small_fs: Path, tmp_path: Path) ->
     store = StateStore(small_fs / "root")
     sb = await _sandbox(store, tmp_path)
     before, files = store.load("full"), _files(store, "full")
-    extra = {"note": "x" * 200_000}  # a bigger document than the space left
+    annotations = {"note": "x" * 200_000}  # a bigger document than the space left
     fill(small_fs)
     with pytest.raises(StoreError) as err:
-        store.update("full", lambda d: dataclasses.replace(d, extra=extra))
+        store.update("full", lambda d: msgspec.structs.replace(d, annotations=annotations))
     assert "No space left on device" in str(err.value)
     assert store.load("full") == before
     assert _files(store, "full") == files  # no temp file left
@@ -62,7 +63,7 @@ async def test_read_only_run_dir_during_a_state_write(small_fs: Path, tmp_path: 
     mount("-o", "remount,ro", str(small_fs))
     try:
         with pytest.raises(StoreError) as err:
-            store.update("full", lambda d: dataclasses.replace(d, state="running"))
+            store.update("full", lambda d: msgspec.structs.replace(d, state=VmState.RUNNING))
         assert "Read-only file system" in str(err.value)
         assert store.load("full") == before  # reading still works, and shows the old state
         with pytest.raises(StoreError):

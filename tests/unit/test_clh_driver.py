@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.behaviour.harness_clh import sim_config
@@ -428,10 +429,8 @@ async def test_to_grpc_and_from_grpc_adopt_the_running_vm(vm: CloudHypervisor) -
 
 
 async def test_load_rejects_another_driver_state(vm: CloudHypervisor) -> None:
-    from dataclasses import replace
-
     with pytest.raises(StateError):
-        CloudHypervisor().load(replace(vm.save(), type="qemu"))
+        CloudHypervisor().load(msgspec.structs.replace(vm.save(), type="qemu"))
 
 
 # -- virtio-fs ----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from virtcontainers.devices import BlockDrive
 from virtcontainers.errors import ConfigError
 from virtcontainers.images import ImageConfig
 from virtcontainers.images.sandbox_image import IMAGE_DRIVE_ID, SandboxImage
+from virtcontainers.lifecycle import VmState
+from virtcontainers.persist import HypervisorState, SandboxDocument
 
 IMAGE = SandboxImage(
     id="sha256:" + "1" * 64,
@@ -50,7 +52,13 @@ def test_exec_defaults_come_from_the_image_and_give_way_to_the_caller() -> None:
 
 def test_the_sandbox_image_survives_the_document_round_trip() -> None:
     scratch = IMAGE.with_scratch(64)
-    assert SandboxImage.from_json(scratch.to_json()) == scratch
+    doc = SandboxDocument(
+        id="sb", hypervisor_type="qemu", state=VmState.CREATED, created_at=1.0,
+        hypervisor=HypervisorState(), image=scratch,
+    )  # fmt: skip
+    back = SandboxDocument.from_json(doc.to_json()).image
+    assert back is not None
+    assert SandboxImage.from_record(back) == scratch
     assert scratch.configure(HypervisorConfig()).boot.kernel_params[-1] == Param(
         "vc.rootfs", "scratch"
     )

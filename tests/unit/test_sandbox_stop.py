@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from virtcontainers.config import HypervisorConfig
@@ -53,7 +53,7 @@ async def test_stop_propagates_a_control_error_while_the_vmm_runs(
     sandbox = await Sandbox.create(_config(tmp_path), id="sb", hypervisor="mock", store=store)
     store.update(
         "sb",
-        lambda d: dataclasses.replace(
+        lambda d: msgspec.structs.replace(
             d,
             state=VmState.RUNNING,
             hypervisor=HypervisorState(pid=vmm.pid, type="qemu", run_dir=run_dir, sandbox_id="sb"),
@@ -73,7 +73,7 @@ async def test_stop_of_a_vmm_that_is_gone_is_not_an_error(
     await Sandbox.create(_config(tmp_path), id="sb", hypervisor="mock", store=store)
     store.update(
         "sb",
-        lambda d: dataclasses.replace(
+        lambda d: msgspec.structs.replace(
             d,
             state=VmState.RUNNING,
             hypervisor=HypervisorState(pid=vmm.pid, type="qemu", run_dir=run_dir, sandbox_id="sb"),

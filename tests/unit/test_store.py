@@ -7,12 +7,14 @@ import os
 import stat
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
+from virtcontainers.devices import BlockDrive, VhostUserDevice, VhostUserKind
 from virtcontainers.errors import StoreError
+from virtcontainers.lifecycle import VmState
 from virtcontainers.persist import (
     SCHEMA_VERSION,
     Bridge,
@@ -20,6 +22,16 @@ from virtcontainers.persist import (
     SandboxDocument,
     StateStore,
     default_root,
+)
+from virtcontainers.persist.records import (
+    DeviceRecord,
+    ExitRecord,
+    GuestRecord,
+    ImageConfig,
+    ImageRecord,
+    NetworkRecord,
+    PortRecord,
+    SerialChannel,
 )
 
 SID = "sb-1"
@@ -29,7 +41,7 @@ def make_doc(sandbox_id: str = SID, **changes: object) -> SandboxDocument:
     doc = SandboxDocument(
         id=sandbox_id,
         hypervisor_type="qemu",
-        state="running",
+        state=VmState.RUNNING,
         created_at=1_700_000_000.25,
         hypervisor=HypervisorState(
             pid=4242,
@@ -47,9 +59,37 @@ def make_doc(sandbox_id: str = SID, **changes: object) -> SandboxDocument:
             sandbox_id=sandbox_id,
         ),
         config={"memory_mib": 512, "kernel_params": ["quiet", "panic=1"], "nested": {"a": None}},
-        agent={"transport": "virtio-serial", "socket": "/run/vc/sb-1/agent.sock"},
-        annotations={"io.katacontainers.config.hypervisor.default_vcpus": "2"},
-        extra={"note": "ünïcödé"},
+        annotations={"io.katacontainers.config.hypervisor.default_vcpus": "2", "note": "ünïcödé"},
+        agent=SerialChannel(path="/run/vc/sb-1/agent.sock"),
+        devices=(
+            DeviceRecord.of(BlockDrive(file="/images/root.erofs", id="vc-image", read_only=True)),
+            DeviceRecord.of(
+                VhostUserDevice(socket_path="/run/fs.sock", id="fs1", type=VhostUserKind.FS)
+            ),
+        ),
+        hotplugged=(DeviceRecord.of(BlockDrive(file="/data.img", id="disk1")),),
+        network=NetworkRecord(
+            mode="user",
+            publish=(
+                PortRecord(host_ip="127.0.0.1", host_port=8080, guest_port=80, protocol="tcp"),
+            ),
+            allow_egress=("10.0.0.0/8:443",),
+            egress_policy="allow-list",
+            tap_range="10.213.0.0/16",
+            guest=GuestRecord(interface="10.0.2.15/24", gateway="10.0.2.2", host="10.0.2.2"),
+        ),
+        image=ImageRecord(
+            id="sha256:abc",
+            ref="localhost/app:1",
+            disk="/images/root.erofs",
+            config=ImageConfig(env=("PATH=/bin",), cmd=("sh",), working_dir="/w", user="app"),
+            passwd="app:x:1000:1000::/:/bin/sh\n",
+            scratch_mb=64,
+        ),
+        owner_pid=4321,
+        exit=ExitRecord(
+            reason="the VMM was killed by signal 9", time=1_700_000_100.5, exit_code=-9
+        ),
     )
     return replace(doc, **changes)  # type: ignore[arg-type]
 
@@ -85,7 +125,20 @@ def test_round_trip(store: StateStore, saved: Path) -> None:
     assert loaded.hypervisor.block_index_map == {0: 1, 3: 7}
     assert loaded.hypervisor.bridges[0].device_addr == {1: "drive-0"}
     on_disk = json.loads(saved.read_text())
-    assert on_disk["version"] == SCHEMA_VERSION == 1
+    assert on_disk["version"] == SCHEMA_VERSION == 2
+    # Typed fields, not JSON strings inside JSON.
+    assert on_disk["agent"] == {"kind": "serial", "path": "/run/vc/sb-1/agent.sock"}
+    assert on_disk["devices"][0] == {
+        "type": "BlockDrive",
+        "spec": {**on_disk["devices"][0]["spec"], "file": "/images/root.erofs", "read_only": True},
+    }
+    assert on_disk["network"]["publish"][0]["host_port"] == 8080
+    assert on_disk["exit"] == {"reason": "the VMM was killed by signal 9",
+                               "time": 1_700_000_100.5, "exit_code": -9}  # fmt: skip
+    assert loaded.state is VmState.RUNNING
+    assert loaded.devices[1].device() == VhostUserDevice(
+        socket_path="/run/fs.sock", id="fs1", type=VhostUserKind.FS
+    )
     assert on_disk["id"] == SID
 
 
@@ -96,8 +149,8 @@ def test_json_round_trip_without_store() -> None:
 
 
 def test_save_replaces_previous_document(store: StateStore, saved: Path) -> None:
-    store.save(SID, make_doc(state="stopped"))
-    assert store.load(SID).state == "stopped"
+    store.save(SID, make_doc(state=VmState.STOPPED))
+    assert store.load(SID).state is VmState.STOPPED
     assert sorted(p.name for p in saved.parent.iterdir()) == [".lock", "state.json"]
 
 
@@ -185,7 +238,7 @@ def test_failed_rename_keeps_old_document(
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(StoreError, match="EIO") as info:
-        store.save(SID, make_doc(state="stopped"))
+        store.save(SID, make_doc(state=VmState.STOPPED))
     assert isinstance(info.value.__cause__, OSError)
     monkeypatch.undo()
 
@@ -204,7 +257,7 @@ def test_interrupt_is_not_wrapped_and_keeps_old_document(
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        store.save(SID, make_doc(state="stopped"))
+        store.save(SID, make_doc(state=VmState.STOPPED))
     monkeypatch.undo()
     assert snapshot(saved) == before
 
@@ -219,7 +272,7 @@ def test_disk_full_is_a_store_error(
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(StoreError, match="ENOSPC") as info:
-        store.save(SID, make_doc(state="stopped"))
+        store.save(SID, make_doc(state=VmState.STOPPED))
     monkeypatch.undo()
     assert isinstance(info.value.__cause__, OSError)
     assert info.value.__cause__.errno == errno.ENOSPC
@@ -234,9 +287,9 @@ def test_temp_file_left_by_a_real_crash_is_ignored_then_cleaned(
     stale.write_text('{"half a docu')
     assert store.load(SID) == make_doc()
     assert store.list() == [SID]
-    store.save(SID, make_doc(state="paused"))
+    store.save(SID, make_doc(state=VmState.PAUSED))
     assert not stale.exists()
-    assert store.load(SID).state == "paused"
+    assert store.load(SID).state is VmState.PAUSED
 
 
 # -- corrupt and future documents ------------------------------------------------------------
@@ -286,7 +339,23 @@ CORRUPT = {
     "created_at bool": _with(created_at=True),
     "config a list": _with(config=[]),
     "annotation not a string": _with(annotations={"k": 1}),
-    "extra not a string": _with(extra={"k": None}),
+    "a version 1 key in version 2": _with(extra={"k": "v"}),
+    "state not a lifecycle value": _with(state="exited-ish"),
+    "state in another case": _with(state="RUNNING"),
+    "agent of an unknown kind": _with(agent={"kind": "telepathy", "path": "/x"}),
+    "agent without its port": _with(agent={"kind": "hybrid-vsock", "path": "/x"}),
+    "devices as a JSON string": _with(devices="[]"),
+    "device of an unknown type": _with(devices=[{"type": "os.system", "spec": {}}]),
+    "device with an unknown field": _with(
+        devices=[{"type": "BlockDrive", "spec": {"file": "/f", "id": "d", "evil": 1}}]
+    ),
+    "device field mistyped": _with(
+        devices=[{"type": "BlockDrive", "spec": {"file": 7, "id": "d"}}]
+    ),
+    "network mode unknown": _with(network={"mode": "wormhole"}),
+    "owner pid a string": _with(owner_pid="4321"),
+    "exit without a reason": _with(exit={"time": 1.0}),
+    "image without a disk": _with(image={"id": "x", "ref": "r"}),
     "hypervisor pid string": _hv(pid="4242"),
     "hypervisor flag int": _hv(hotplug_vfio_on_root_bus=1),
     "hypervisor unknown key": _hv(color="red"),
@@ -296,17 +365,22 @@ CORRUPT = {
 }
 
 
+def _write_bad(saved: Path, content: bytes) -> tuple[bytes, int, int]:
+    """Put ``content`` in place of the state document; returns its snapshot."""
+    saved.write_bytes(content)
+    return snapshot(saved)
+
+
 @pytest.mark.parametrize("content", CORRUPT.values(), ids=CORRUPT.keys())
 def test_corrupt_document_raises_and_is_left_untouched(
     store: StateStore, saved: Path, content: bytes
 ) -> None:
-    saved.write_bytes(content)
-    before = snapshot(saved)
+    before = _write_bad(saved, content)
     with pytest.raises(StoreError) as info:
         store.load(SID)
     assert info.value.path == str(saved)
     with pytest.raises(StoreError):
-        store.update(SID, lambda d: replace(d, state="stopped"))
+        store.update(SID, lambda d: replace(d, state=VmState.STOPPED))
     assert snapshot(saved) == before
     assert sorted(p.name for p in saved.parent.iterdir()) == [".lock", "state.json"]
 
@@ -322,6 +396,109 @@ def test_future_version_raises_and_is_left_untouched(store: StateStore, saved: P
     assert str(saved) in str(info.value)
     with pytest.raises(StoreError, match="newer"):
         store.update(SID, lambda d: d)
+    assert snapshot(saved) == before
+
+
+def test_corrupt_document_error_names_the_field_and_the_path(
+    store: StateStore, saved: Path
+) -> None:
+    saved.write_bytes(_hv(pid="4242"))
+    where = r"Expected `int`, got `str` - at `\$.hypervisor.pid`"
+    with pytest.raises(StoreError, match=where) as info:
+        store.load(SID)
+    assert str(saved) in str(info.value)
+
+
+def test_unserializable_state_is_refused_before_writing(store: StateStore, saved: Path) -> None:
+    before = snapshot(saved)
+    with pytest.raises(StoreError, match="not serializable"):
+        store.update(SID, lambda d: replace(d, state="stolen"))  # type: ignore[arg-type]
+    assert snapshot(saved) == before
+
+
+# -- version 1 documents -----------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _load_v1(store: StateStore, name: str) -> SandboxDocument:
+    """A version 1 document written by the version 1 code (see the fixtures), loaded."""
+    text = (FIXTURES / f"state_v1_{name}.json").read_text()
+    assert json.loads(text)["version"] == 1
+    store.create_sandbox_dir(name)
+    store.state_path(name).write_text(text)
+    return store.load(name)
+
+
+def test_v1_created_document_migrates(store: StateStore) -> None:
+    doc = _load_v1(store, "created")
+    assert doc.state is VmState.CREATED
+    assert doc.agent is None
+    assert [r.device() for r in doc.devices] == [
+        BlockDrive(file="/srv/data.img", id="data", read_only=True)
+    ]
+    assert doc.network.mode == "user"
+    assert doc.network.publish == (
+        PortRecord(host_ip="127.0.0.1", host_port=8080, guest_port=80, protocol="tcp"),
+    )
+    assert (doc.image, doc.owner_pid, doc.exit, doc.hotplugged) == (None, 0, None, ())
+    assert doc.config["boot"]["kernel_path"] == "/opt/vc/vmlinuz"
+
+
+def test_v1_document_of_a_dead_vm_migrates(store: StateStore) -> None:
+    doc = _load_v1(store, "died")
+    assert doc.state is VmState.STOPPED
+    assert doc.agent == SerialChannel(path="/run/vc/died/agent.sock")
+    assert doc.owner_pid == 4321
+    assert doc.exit == ExitRecord(
+        reason="the VMM was killed by signal 9", time=1764650000.5, exit_code=-9
+    )
+    assert [r.device() for r in doc.hotplugged] == [BlockDrive(file="/srv/extra.img", id="disk1")]
+    assert doc.image is not None
+    assert doc.image.config == ImageConfig(
+        env=("PATH=/bin", "A=1"), cmd=("sh",), working_dir="/w", user="app",
+        architecture="amd64", os="linux",
+    )  # fmt: skip
+    assert (doc.image.scratch_mb, doc.image.group) == (64, "app:x:1000:\n")
+    assert doc.hypervisor.hotplugged_vcpus == ("cpu-1",)
+
+
+def test_v1_document_is_written_back_as_v2(store: StateStore) -> None:
+    doc = _load_v1(store, "running")
+    assert doc.state is VmState.RUNNING
+    assert doc.hypervisor.pid == 999999
+    store.update("running", lambda d: replace(d, owner_pid=7))
+    on_disk = json.loads(store.state_path("running").read_text())
+    assert on_disk["version"] == 2
+    assert on_disk["agent"] == {"kind": "hybrid-vsock", "path": "/run/vc/running/vsock.sock",
+                                "port": 1024}  # fmt: skip
+    assert store.load("running") == replace(doc, owner_pid=7)
+
+
+def _v1(**extra: str) -> bytes:
+    obj = json.loads((FIXTURES / "state_v1_created.json").read_text())
+    obj["id"] = SID
+    obj["extra"] = {**obj["extra"], **extra}
+    return json.dumps(obj).encode()
+
+
+V1_UNMIGRATABLE = {
+    "an extra entry version 2 has no field for": _v1(note="keep me"),
+    "extra JSON that is not JSON": _v1(network="{not json"),
+    "an owner pid that is not a number": _v1(owner_pid="me"),
+    "a device without a type": _v1(devices='[{"file": "/f"}]'),
+    "a device field mistyped": _v1(devices='[{"type": "BlockDrive", "file": 1, "id": "d"}]'),
+}
+
+
+@pytest.mark.parametrize("content", V1_UNMIGRATABLE.values(), ids=V1_UNMIGRATABLE.keys())
+def test_v1_document_that_cannot_be_migrated_names_the_version(
+    store: StateStore, saved: Path, content: bytes
+) -> None:
+    before = _write_bad(saved, content)
+    with pytest.raises(StoreError, match="version 1 state document cannot be migrated") as info:
+        store.load(SID)
+    assert info.value.path == str(saved)
     assert snapshot(saved) == before
 
 
@@ -363,8 +540,8 @@ def test_valid_ids(store: StateStore, good_id: str) -> None:
 
 
 def test_update_returns_and_persists(store: StateStore, saved: Path) -> None:
-    new = store.update(SID, lambda d: replace(d, state="paused", extra={**d.extra, "k": "v"}))
-    assert new.state == "paused"
+    new = store.update(SID, lambda d: replace(d, state=VmState.PAUSED, owner_pid=99))
+    assert new.state is VmState.PAUSED
     assert store.load(SID) == new
 
 
@@ -416,11 +593,11 @@ def test_lock_is_reentrant_for_the_holder(store: StateStore, saved: Path) -> Non
     with store.lock(SID) as path:
         assert path == saved.parent
         doc = store.load(SID)
-        store.save(SID, replace(doc, state="paused"))
-        store.update(SID, lambda d: replace(d, extra={"n": "1"}))
+        store.save(SID, replace(doc, state=VmState.PAUSED))
+        store.update(SID, lambda d: replace(d, annotations={"n": "1"}))
         # A second store object in the same thread shares the bookkeeping too.
-        assert StateStore(store.root).load(SID).extra == {"n": "1"}
-    assert store.load(SID).state == "paused"
+        assert StateStore(store.root).load(SID).annotations == {"n": "1"}
+    assert store.load(SID).state is VmState.PAUSED
 
 
 def test_shared_lock_cannot_be_upgraded(store: StateStore, saved: Path) -> None:
@@ -439,7 +616,7 @@ def test_lock_excludes_other_threads_until_released(tmp_path: Path) -> None:
 
     def writer() -> None:
         try:
-            impatient.update(SID, lambda d: replace(d, state="stolen"))
+            impatient.update(SID, lambda d: replace(d, state=VmState.FAILED))
         except BaseException as exc:
             errors.append(exc)
 
@@ -450,9 +627,9 @@ def test_lock_excludes_other_threads_until_released(tmp_path: Path) -> None:
     assert len(errors) == 1
     assert isinstance(errors[0], StoreError)
     assert "timed out" in str(errors[0])
-    assert store.load(SID).state == "running"
+    assert store.load(SID).state is VmState.RUNNING
     # Once released, the same writer succeeds.
-    assert impatient.update(SID, lambda d: replace(d, state="ok")).state == "ok"
+    assert impatient.update(SID, lambda d: replace(d, state=VmState.EXITED)).state is VmState.EXITED
 
 
 def test_waiting_writer_fails_when_sandbox_is_deleted(tmp_path: Path) -> None:
@@ -465,7 +642,7 @@ def test_waiting_writer_fails_when_sandbox_is_deleted(tmp_path: Path) -> None:
     def writer() -> None:
         started.set()
         try:
-            StateStore(store.root).save(SID, make_doc(state="late"))
+            StateStore(store.root).save(SID, make_doc(state=VmState.STOPPED))
         except BaseException as exc:
             errors.append(exc)
 
@@ -511,7 +688,7 @@ def test_waiting_writer_relocks_a_recreated_sandbox(tmp_path: Path) -> None:
     def writer() -> None:
         try:
             blocking = StateStore(store.root, lock_timeout=None)  # blocks in flock(2)
-            blocking.update(SID, lambda d: replace(d, state="written"))
+            blocking.update(SID, lambda d: replace(d, state=VmState.EXITED))
         except BaseException as exc:
             errors.append(exc)
         writer_done.set()
@@ -528,7 +705,7 @@ def test_waiting_writer_relocks_a_recreated_sandbox(tmp_path: Path) -> None:
         _wait_for_flock_waiter(store.sandbox_dir(SID) / ".lock")
         store.delete(SID)
         store.create_sandbox_dir(SID)
-        store.save(SID, make_doc(state="recreated"))
+        store.save(SID, make_doc(state=VmState.CREATED))
         h.start()
         assert new_lock_held.wait(5)
     # The old lock is released now; the writer must still wait for the holder of the new one.
@@ -537,7 +714,7 @@ def test_waiting_writer_relocks_a_recreated_sandbox(tmp_path: Path) -> None:
     h.join(5)
     w.join(5)
     assert errors == []
-    assert store.load(SID).state == "written"
+    assert store.load(SID).state is VmState.EXITED
 
 
 # -- concurrency -----------------------------------------------------------------------------
@@ -551,25 +728,26 @@ def _bump_many(root: str, worker: int) -> None:
     for i in range(UPDATES):
 
         def bump(doc: SandboxDocument, i: int = i) -> SandboxDocument:
-            count = int(doc.extra.get("counter", "0"))
+            count = int(doc.annotations.get("counter", "0"))
             return replace(
-                doc, extra={**doc.extra, "counter": str(count + 1), f"w{worker}.{i}": ""}
+                doc,
+                annotations={**doc.annotations, "counter": str(count + 1), f"w{worker}.{i}": ""},
             )
 
         store.update(SID, bump)
 
 
 def _check_nothing_lost(store: StateStore) -> None:
-    extra = store.load(SID).extra
-    assert extra["counter"] == str(WORKERS * UPDATES)
-    assert {k for k in extra if k.startswith("w")} == {
+    annotations = store.load(SID).annotations
+    assert annotations["counter"] == str(WORKERS * UPDATES)
+    assert {k for k in annotations if k.startswith("w")} == {
         f"w{w}.{i}" for w in range(WORKERS) for i in range(UPDATES)
     }
 
 
 def test_concurrent_processes_lose_nothing(store: StateStore) -> None:
     store.create_sandbox_dir(SID)
-    store.save(SID, make_doc(extra={}))
+    store.save(SID, make_doc(annotations={}))
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_bump_many, args=(str(store.root), w)) for w in range(WORKERS)]
     for p in procs:
@@ -582,7 +760,7 @@ def test_concurrent_processes_lose_nothing(store: StateStore) -> None:
 
 def test_concurrent_threads_lose_nothing(store: StateStore) -> None:
     store.create_sandbox_dir(SID)
-    store.save(SID, make_doc(extra={}))
+    store.save(SID, make_doc(annotations={}))
     threads = [
         threading.Thread(target=_bump_many, args=(str(store.root), w)) for w in range(WORKERS)
     ]

@@ -13,9 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Mapping
 
 from virtcontainers.errors import AgentError
+from virtcontainers.persist.records import (
+    AgentChannel,
+    HybridVsockChannel,
+    SerialChannel,
+    VsockChannel,
+)
 
 __all__ = [
     "StreamPair",
@@ -95,28 +100,20 @@ async def connect_vsock(cid: int, port: int, *, timeout: float = 10.0) -> Stream
 
 
 async def connect_channel(
-    channel: Mapping[str, object], *, timeout: float = 10.0
+    channel: AgentChannel, *, timeout: float = 10.0
 ) -> tuple[StreamPair, bool]:
-    """Connect to the agent channel a sandbox record describes (``{"kind": "serial", "path":
-    ...}``, ``hybrid-vsock`` with ``path``/``port``, ``vsock`` with ``cid``/``port``).
+    """Connect to the agent channel a sandbox record describes.
 
     Returns the stream pair and whether the host must resync first (virtio-serial: a port
     that outlives host connections, see docs/agent-protocol.md "Resync").
 
     Raises:
-        AgentError: no channel recorded, or it cannot be connected.
+        AgentError: it cannot be connected.
     """
-    kind = channel.get("kind")
-    if kind == "serial":
-        return await connect_unix(str(channel["path"]), timeout=timeout), True
-    if kind == "hybrid-vsock":
-        pair = await connect_hybrid_vsock(
-            str(channel["path"]), int(str(channel["port"])), timeout=timeout
-        )
-        return pair, False
-    if kind == "vsock":
-        pair = await connect_vsock(
-            int(str(channel["cid"])), int(str(channel["port"])), timeout=timeout
-        )
-        return pair, False
-    raise AgentError(f"no agent channel recorded (kind {kind!r})")
+    match channel:
+        case SerialChannel():
+            return await connect_unix(channel.path, timeout=timeout), True
+        case HybridVsockChannel():
+            return await connect_hybrid_vsock(channel.path, channel.port, timeout=timeout), False
+        case VsockChannel():
+            return await connect_vsock(channel.cid, channel.port, timeout=timeout), False

@@ -101,10 +101,10 @@ def _exec_process(
     from virtcontainers.persist.store import StateStore
 
     doc = StateStore().load(sandbox_id)
-    if doc.extra.get("image"):
+    if doc.image is not None:
         from virtcontainers.images.sandbox_image import SandboxImage
 
-        image = SandboxImage.from_json(doc.extra["image"])
+        image = SandboxImage.from_record(doc.image)
         full, cwd, uid, gid = image.exec_defaults(env, workdir, None, None, user)
         return _ExecHow(full, cwd, uid, gid)
     ids: tuple[int | None, int | None] = (None, None)

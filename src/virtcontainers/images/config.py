@@ -13,60 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from virtcontainers.errors import ConfigError
+from virtcontainers.persist.records import ImageConfig
 
 __all__ = ["ImageConfig", "ProcessSpec", "parse_env", "process_spec", "resolve_user"]
 
 #: docker's default when an image sets no PATH.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-@dataclass(frozen=True, slots=True)
-class ImageConfig:
-    """The parts of an OCI image config a sandbox honours, plus the platform it is for."""
-
-    env: tuple[str, ...] = ()
-    entrypoint: tuple[str, ...] = ()
-    cmd: tuple[str, ...] = ()
-    working_dir: str = ""
-    user: str = ""
-    architecture: str = ""
-    os: str = ""
-
-    @classmethod
-    def from_oci(cls, doc: Mapping[str, object]) -> ImageConfig:
-        """From an image config blob (``application/vnd.oci.image.config.v1+json``)."""
-        raw = doc.get("config")
-        run: Mapping[str, object] = raw if isinstance(raw, Mapping) else {}
-
-        def strings(key: str) -> tuple[str, ...]:
-            value = run.get(key)
-            return tuple(str(v) for v in value) if isinstance(value, list) else ()
-
-        return cls(
-            env=strings("Env"),
-            entrypoint=strings("Entrypoint"),
-            cmd=strings("Cmd"),
-            working_dir=str(run.get("WorkingDir") or ""),
-            user=str(run.get("User") or ""),
-            architecture=str(doc.get("architecture") or ""),
-            os=str(doc.get("os") or ""),
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "Env": list(self.env),
-            "Entrypoint": list(self.entrypoint),
-            "Cmd": list(self.cmd),
-            "WorkingDir": self.working_dir,
-            "User": self.user,
-            "architecture": self.architecture,
-            "os": self.os,
-        }
-
-    @classmethod
-    def from_dict(cls, doc: Mapping[str, object]) -> ImageConfig:
-        return cls.from_oci({"config": doc, "architecture": doc.get("architecture"),
-                             "os": doc.get("os")})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,22 +9,23 @@ A sandbox made with an image gets, through every driver's ordinary cold-plug pat
 * ``vc.rootfs=tmpfs`` or ``vc.rootfs=scratch`` on the kernel command line, which makes the
   guest agent build the container root and enter it (``docs/agent-protocol.md``).
 
-It is recorded in the sandbox document (``extra["image"]``), so ``vc exec`` from another
+It is recorded in the sandbox document (its ``image`` field), so ``vc exec`` from another
 process applies the same Env, WorkingDir and User.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
+
+import msgspec
 
 from virtcontainers.config import HypervisorConfig, Param
 from virtcontainers.devices import BlockDrive
-from virtcontainers.images.config import ImageConfig, ProcessSpec, process_spec, resolve_user
+from virtcontainers.images.config import ProcessSpec, process_spec, resolve_user
 from virtcontainers.images.rootdisk import make_scratch_disk
 from virtcontainers.images.store import StoredImage
+from virtcontainers.persist.records import ImageRecord
 
 __all__ = ["IMAGE_DRIVE_ID", "SCRATCH_DRIVE_ID", "SandboxImage"]
 
@@ -33,17 +34,11 @@ SCRATCH_DRIVE_ID = "vc-scratch"
 ROOTFS_PARAM = "vc.rootfs"
 
 
-@dataclass(frozen=True, slots=True)
-class SandboxImage:
-    """A sandbox's image: which disk, which config, how big a scratch upper (0: tmpfs)."""
+class SandboxImage(ImageRecord, frozen=True):
+    """A sandbox's image: which disk, which config, how big a scratch upper (0: tmpfs).
 
-    id: str
-    ref: str
-    disk: str
-    config: ImageConfig
-    passwd: str = ""
-    group: str = ""
-    scratch_mb: int = 0
+    It is the :class:`~virtcontainers.persist.records.ImageRecord` the sandbox document
+    stores, with what the sandbox does with it."""
 
     @classmethod
     def from_stored(cls, image: StoredImage, ref: str, *, scratch_mb: int = 0) -> SandboxImage:
@@ -58,7 +53,7 @@ class SandboxImage:
         )
 
     def with_scratch(self, scratch_mb: int) -> SandboxImage:
-        return replace(self, scratch_mb=scratch_mb)
+        return msgspec.structs.replace(self, scratch_mb=scratch_mb)
 
     # -- what the VM gets --------------------------------------------------------------
 
@@ -129,30 +124,7 @@ class SandboxImage:
         """
         return resolve_user(user, "root:x:0:0:root:/root:/bin/sh\n", "root:x:0:\n")
 
-    # -- persistence -----------------------------------------------------------------------
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "id": self.id,
-                "ref": self.ref,
-                "disk": self.disk,
-                "config": self.config.to_dict(),
-                "passwd": self.passwd,
-                "group": self.group,
-                "scratch_mb": self.scratch_mb,
-            }
-        )
-
     @classmethod
-    def from_json(cls, text: str) -> SandboxImage:
-        doc = json.loads(text)
-        return cls(
-            id=str(doc["id"]),
-            ref=str(doc["ref"]),
-            disk=str(doc["disk"]),
-            config=ImageConfig.from_dict(doc.get("config") or {}),
-            passwd=str(doc.get("passwd", "")),
-            group=str(doc.get("group", "")),
-            scratch_mb=int(doc.get("scratch_mb", 0)),
-        )
+    def from_record(cls, record: ImageRecord) -> SandboxImage:
+        """The image a sandbox record names."""
+        return record if isinstance(record, SandboxImage) else cls(**msgspec.structs.asdict(record))

@@ -23,9 +23,11 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import msgspec
+
 from virtcontainers.config import Param
 from virtcontainers.devices import ColdPlugDevice, NetDevice
-from virtcontainers.errors import ConfigError, NetworkError
+from virtcontainers.errors import ConfigError, NetworkError, StoreError
 from virtcontainers.network import ports
 from virtcontainers.network import tap as tapnet
 from virtcontainers.network.guest import GuestAddressing, mac_for
@@ -33,6 +35,7 @@ from virtcontainers.network.spec import NetworkMode, NetworkSpec
 from virtcontainers.network.tap import TapNetwork
 from virtcontainers.network.user import GUEST as USER_GUEST
 from virtcontainers.network.user import user_device
+from virtcontainers.persist.records import NetworkRecord, json_object
 from virtcontainers.procfs import process_matches
 
 __all__ = ["USER_MODE_DRIVERS", "Attachment", "tap_device"]
@@ -217,6 +220,24 @@ class Attachment:
             tap=TapNetwork.from_dict(tap_state) if isinstance(tap_state, dict) else None,
             keeper_pid=int(str(data.get("keeper_pid", 0))),
         )
+
+    def to_record(self) -> NetworkRecord:
+        """What the sandbox document keeps.
+
+        Raises:
+            StoreError: a value does not fit the record (a bug: this module wrote it).
+        """
+        data = self.to_dict()
+        if self.tap is not None:  # the names and addresses are derived again on load
+            data["tap"] = {"key": self.tap.key, "subnet": self.tap.subnet}
+        try:
+            return msgspec.convert(data, NetworkRecord, strict=True)
+        except msgspec.ValidationError as exc:
+            raise StoreError(f"sandbox {self.sandbox_id}: network record: {exc}") from exc
+
+    @classmethod
+    def from_record(cls, record: NetworkRecord, sandbox_id: str, run_dir: str) -> Attachment:
+        return cls.from_dict(json_object(record), sandbox_id, run_dir)
 
     def forgotten(self) -> Attachment:
         """The same spec with nothing created (what a stopped sandbox keeps)."""

@@ -254,5 +254,5 @@ class NetworkSpec:
             mode=NetworkMode(str(data.get("mode", "none"))),
             publish=tuple(PortMapping.from_dict(p) for p in publish),
             allow_egress=tuple(EgressRule.parse(str(r)) for r in rules),
-            tap_range=str(data.get("tap_range", DEFAULT_TAP_RANGE)),
+            tap_range=str(data.get("tap_range") or DEFAULT_TAP_RANGE),
         )

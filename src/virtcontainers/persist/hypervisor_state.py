@@ -1,25 +1,31 @@
-"""HypervisorState: what a driver persists so another process can reattach to its VM."""
+"""HypervisorState: what a driver persists so another process can reattach to its VM.
+
+msgspec Structs (see ``persist/document.py`` for why msgspec): decoding checks every type and
+refuses unknown fields, so a damaged record fails loudly instead of reattaching to the wrong
+thing. Change one with :func:`msgspec.structs.replace`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import msgspec
+
+from virtcontainers.persist.records import json_object
 
 __all__ = ["Bridge", "HypervisorState"]
 
 
-@dataclass(frozen=True)
-class Bridge:
+class Bridge(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A PCI bridge and the devices plugged on it (slot -> device id)."""
 
     id: str
     type: str
     addr: int
-    device_addr: dict[int, str] = field(default_factory=dict)
+    device_addr: dict[int, str] = {}
 
 
-@dataclass(frozen=True)
-class HypervisorState:
+class HypervisorState(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The reference's persisted hypervisor fields, plus the run directory we derive paths from.
 
     ``hotplugged_vcpus`` holds QOM ids of hot-added CPUs; ``hotplugged_memory`` is MiB.
@@ -27,7 +33,7 @@ class HypervisorState:
 
     pid: int = 0
     type: str = ""
-    block_index_map: dict[int, int] = field(default_factory=dict)
+    block_index_map: dict[int, int] = {}
     uuid: str = ""
     bridges: tuple[Bridge, ...] = ()
     hotplugged_vcpus: tuple[str, ...] = ()
@@ -43,31 +49,13 @@ class HypervisorState:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (dict keys become strings)."""
-        d = asdict(self)
-        d["block_index_map"] = {str(k): v for k, v in self.block_index_map.items()}
-        d["bridges"] = [
-            {**asdict(b), "device_addr": {str(k): v for k, v in b.device_addr.items()}}
-            for b in self.bridges
-        ]
-        d["hotplugged_vcpus"] = list(self.hotplugged_vcpus)
-        return d
+        return json_object(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HypervisorState:
-        """Inverse of :meth:`to_dict`. Raises KeyError/TypeError/ValueError on a bad shape."""
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in data.items() if k in known}
-        values["block_index_map"] = {
-            int(k): int(v) for k, v in dict(values.get("block_index_map", {})).items()
-        }
-        values["bridges"] = tuple(
-            Bridge(
-                id=str(b["id"]),
-                type=str(b["type"]),
-                addr=int(b["addr"]),
-                device_addr={int(k): str(v) for k, v in dict(b.get("device_addr", {})).items()},
-            )
-            for b in values.get("bridges", [])
-        )
-        values["hotplugged_vcpus"] = tuple(str(v) for v in values.get("hotplugged_vcpus", []))
-        return cls(**values)
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: a missing, unknown or mistyped field (``msgspec.ValidationError``).
+        """
+        return msgspec.json.decode(msgspec.json.encode(data), type=cls)

@@ -1,5 +1,8 @@
 """The state store: one versioned JSON document per sandbox, written atomically under a lock.
 
+The document itself (:class:`SandboxDocument`, its schema and migrations) is
+``persist/document.py``; this module stores it.
+
 Layout::
 
     <root>/                       0700  (see default_root())
@@ -30,8 +33,6 @@ import builtins
 import contextlib
 import errno
 import fcntl
-import json
-import math
 import os
 import re
 import shutil
@@ -39,13 +40,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from virtcontainers.errors import StoreError
 from virtcontainers.fsutil import atomic_write, mkdir_private, open_private
-from virtcontainers.persist.hypervisor_state import HypervisorState
+from virtcontainers.persist.document import ID_PATTERN, ID_RULE, SCHEMA_VERSION, SandboxDocument
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -54,9 +55,6 @@ __all__ = [
     "default_root",
     "validate_sandbox_id",
 ]
-
-#: Version of the :class:`SandboxDocument` JSON layout this code writes and the newest it reads.
-SCHEMA_VERSION: Final = 1
 
 #: Environment variable that overrides the store's root directory.
 ROOT_ENV: Final = "VC_RUN_ROOT"
@@ -68,8 +66,7 @@ _DIR_MODE: Final = 0o700
 _FILE_MODE: Final = 0o600
 _TMP_PREFIX: Final = ".state."
 _TMP_SUFFIX: Final = ".tmp"
-_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_ID_RULE: Final = "1-64 characters from [A-Za-z0-9_.-], the first a letter or digit"
+_ID_RE: Final = re.compile(ID_PATTERN)
 _OPEN_FLAGS: Final = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -81,7 +78,7 @@ def validate_sandbox_id(sandbox_id: object) -> str:
             with a letter or digit (so never ``..``, never a ``/``).
     """
     if not isinstance(sandbox_id, str) or _ID_RE.fullmatch(sandbox_id) is None:
-        raise StoreError(f"invalid sandbox id {sandbox_id!r}: must be {_ID_RULE}")
+        raise StoreError(f"invalid sandbox id {sandbox_id!r}: must be {ID_RULE}")
     return sandbox_id
 
 
@@ -108,173 +105,6 @@ def default_root() -> Path:
     if runtime_dir and os.path.isabs(runtime_dir):
         return Path(runtime_dir) / "virtcontainers"
     return Path(f"/tmp/virtcontainers-{uid}")
-
-
-# --------------------------------------------------------------------------------------------
-# The document
-# --------------------------------------------------------------------------------------------
-
-_DOC_KEYS: Final = frozenset(
-    {
-        "version",
-        "id",
-        "hypervisor_type",
-        "state",
-        "created_at",
-        "hypervisor",
-        "config",
-        "agent",
-        "annotations",
-        "extra",
-    }
-)
-
-
-@dataclass(frozen=True)
-class SandboxDocument:
-    """Everything persisted about one sandbox; ``state.json`` holds :meth:`to_json`.
-
-    Change a document with :func:`dataclasses.replace`, e.g. inside :meth:`StateStore.update`.
-    ``config`` is the serialized HypervisorConfig and ``agent`` the agent transport info; the
-    store only carries them (they must be JSON-serializable).
-    """
-
-    id: str
-    hypervisor_type: str
-    #: Lifecycle value, e.g. ``"running"``.
-    state: str
-    #: Seconds since the epoch.
-    created_at: float
-    hypervisor: HypervisorState
-    config: dict[str, object] = field(default_factory=dict)
-    agent: dict[str, object] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        """Serialize, stamped with :data:`SCHEMA_VERSION`.
-
-        Raises:
-            StoreError: a value is not JSON-serializable (or is NaN/infinite).
-        """
-        doc: dict[str, object] = {
-            "version": SCHEMA_VERSION,
-            "id": self.id,
-            "hypervisor_type": self.hypervisor_type,
-            "state": self.state,
-            "created_at": float(self.created_at),
-            "hypervisor": self.hypervisor.to_dict(),
-            "config": self.config,
-            "agent": self.agent,
-            "annotations": self.annotations,
-            "extra": self.extra,
-        }
-        try:
-            return json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise StoreError(f"sandbox {self.id!r} is not serializable: {exc}") from exc
-
-    @classmethod
-    def from_json(cls, data: str | bytes, *, path: str = "") -> SandboxDocument:
-        """Parse and strictly check a document; ``path`` is only used in error messages.
-
-        Raises:
-            StoreError: not JSON, wrong shape (missing, unknown or mistyped keys), or a
-                ``version`` newer than :data:`SCHEMA_VERSION`.
-        """
-        try:
-            raw = json.loads(data, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise StoreError(f"corrupt state document: {exc}", path=path) from exc
-        return cls._from_obj(raw, path)
-
-    @classmethod
-    def _from_obj(cls, raw: object, path: str) -> SandboxDocument:
-        def bad(why: str) -> StoreError:
-            return StoreError(f"corrupt state document: {why}", path=path)
-
-        if not isinstance(raw, dict):
-            raise bad(f"expected a JSON object, got {type(raw).__name__}")
-        version = raw.get("version")
-        if type(version) is not int:
-            raise bad(f"'version' must be an integer, got {version!r}")
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"state document version {version} is newer than this virtcontainers supports "
-                f"({SCHEMA_VERSION}); use a newer virtcontainers to read it",
-                path=path,
-            )
-        if version < 1:
-            raise bad(f"'version' must be >= 1, got {version}")
-        # Only version 1 exists; older versions would be migrated here.
-        missing = _DOC_KEYS - raw.keys()
-        if missing:
-            raise bad(f"missing keys {sorted(missing)}")
-        unknown = raw.keys() - _DOC_KEYS
-        if unknown:
-            raise bad(f"unknown keys {sorted(unknown)}")
-
-        strings: dict[str, str] = {}
-        for key in ("id", "hypervisor_type", "state"):
-            value = raw[key]
-            if not isinstance(value, str):
-                raise bad(f"{key!r} must be a string, got {type(value).__name__}")
-            strings[key] = value
-        if _ID_RE.fullmatch(strings["id"]) is None:
-            raise bad(f"'id' {strings['id']!r} is not a valid sandbox id ({_ID_RULE})")
-        created_at = raw["created_at"]
-        if type(created_at) not in (int, float) or not math.isfinite(created_at):
-            raise bad(f"'created_at' must be a finite number, got {created_at!r}")
-
-        objects: dict[str, dict[str, Any]] = {}
-        for key in ("hypervisor", "config", "agent", "annotations", "extra"):
-            value = raw[key]
-            if not isinstance(value, dict):
-                raise bad(f"{key!r} must be an object, got {type(value).__name__}")
-            objects[key] = value
-        for key in ("annotations", "extra"):
-            for k, v in objects[key].items():
-                if not isinstance(v, str):
-                    raise bad(f"{key}[{k!r}] must be a string, got {type(v).__name__}")
-
-        return cls(
-            id=strings["id"],
-            hypervisor_type=strings["hypervisor_type"],
-            state=strings["state"],
-            created_at=float(created_at),
-            hypervisor=_hypervisor_state(objects["hypervisor"], bad),
-            config=dict(objects["config"]),
-            agent=dict(objects["agent"]),
-            annotations=dict(objects["annotations"]),
-            extra=dict(objects["extra"]),
-        )
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _hypervisor_state(data: dict[str, Any], bad: Callable[[str], StoreError]) -> HypervisorState:
-    """HypervisorState.from_dict is lenient (drops unknown keys, does not check scalars);
-    a persisted document must not silently lose or mistype fields, so check those here."""
-    known = {f.name: f for f in fields(HypervisorState)}
-    unknown = data.keys() - known.keys()
-    if unknown:
-        raise bad(f"unknown hypervisor keys {sorted(unknown)}")
-    for name, value in data.items():
-        default = known[name].default
-        # Scalar fields are typed by their default; containers are converted by from_dict.
-        if isinstance(default, bool | int | str) and type(value) is not type(default):
-            raise bad(
-                f"hypervisor.{name} must be {type(default).__name__}, got {type(value).__name__}"
-            )
-    for name, kind in (("block_index_map", dict), ("bridges", list), ("hotplugged_vcpus", list)):
-        if name in data and not isinstance(data[name], kind):
-            raise bad(f"hypervisor.{name} must be a JSON {kind.__name__}")
-    try:
-        return HypervisorState.from_dict(data)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise bad(f"bad hypervisor state: {exc!r}") from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -30,11 +28,15 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 
+import msgspec
+
 from virtcontainers.agent.client import AgentClient
 from virtcontainers.agent.transport import connect_channel
 from virtcontainers.errors import AgentError, StoreError, VirtContainersError
 from virtcontainers.hypervisor import VmState
-from virtcontainers.persist.store import SandboxDocument, StateStore
+from virtcontainers.persist.document import SandboxDocument
+from virtcontainers.persist.records import ExitRecord
+from virtcontainers.persist.store import StateStore
 from virtcontainers.process import VmmProcess
 from virtcontainers.sandbox import (
     AGENT_READY_TIMEOUT,
@@ -92,7 +94,10 @@ class SandboxServer:
 
     async def _agent(self) -> AgentClient:
         if not self.relay.connected:
-            pair, resync = await connect_channel(self.sandbox.agent_channel, timeout=5.0)
+            channel = self.sandbox.agent_channel
+            if channel is None:
+                raise AgentError(f"sandbox {self.sandbox.id} has no agent channel recorded")
+            pair, resync = await connect_channel(channel, timeout=5.0)
             self.relay.attach_upstream(pair, resync=resync)
         return await self.relay.internal_client()
 
@@ -258,7 +263,7 @@ class SandboxServer:
         finally:
             if self._lock.locked():
                 self._lock.release()
-        self._record_exit(self._ending or "stopped", 0)
+        self._record_exit(VmState.STOPPED, self._ending or "stopped", 0)
 
     async def _watch_vm(self) -> None:
         """Record the VM's end when nobody asked for it (the guest powered off, the VMM
@@ -286,19 +291,20 @@ class SandboxServer:
             # The console is complete now: a panic ends QEMU like a power-off (code 0 after
             # panic=1 and -no-reboot), only the kernel's last words tell them apart.
             self._ending = _panic(self.sandbox.logs()) or self._ending
-            self._record_exit(self._ending, code)
+            self._record_exit(VmState.EXITED, self._ending, code)
         if not self.ephemeral:
             self._done.set()
 
-    def _record_exit(self, reason: str, code: int | None) -> None:
-        info = {"reason": reason, "time": time.time(), "exit_code": code}
+    def _record_exit(self, state: VmState, reason: str, code: int | None) -> None:
+        """Record the VM's end: STOPPED when asked to stop, EXITED when it ended by itself."""
+        ended = ExitRecord(reason=reason, time=time.time(), exit_code=code)
 
         def change(doc: SandboxDocument) -> SandboxDocument:
-            return dataclasses.replace(
+            return msgspec.structs.replace(
                 doc,
-                state=VmState.STOPPED.value,
-                hypervisor=dataclasses.replace(doc.hypervisor, pid=0),
-                extra={**doc.extra, "exit": json.dumps(info)},
+                state=state,
+                hypervisor=msgspec.structs.replace(doc.hypervisor, pid=0),
+                exit=ended,
             )
 
         with contextlib.suppress(StoreError):
@@ -350,7 +356,7 @@ class SandboxServer:
             if op == "stop":
                 self._ending = "stopped on request"
                 await sb.stop(wait_only=bool(args.get("wait_only", True)))
-                self._record_exit(self._ending, 0)
+                self._record_exit(VmState.STOPPED, self._ending, 0)
                 if not self.ephemeral:
                     self._finish()
                 return None
