@@ -6,7 +6,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessStats", "kib_fields", "process_matches", "process_stats", "processes_mentioning"]
+__all__ = [
+    "ProcessStats",
+    "children_of",
+    "kib_fields",
+    "process_matches",
+    "process_stats",
+    "processes_mentioning",
+]
 
 
 def process_matches(pid: int, needle: str) -> bool:
@@ -82,3 +89,18 @@ def process_stats(pid: int) -> ProcessStats | None:
         threads=threads,
         fds=fds,
     )
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (read from ``/proc/*/stat``)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            kids.append(int(entry.name))
+    return kids

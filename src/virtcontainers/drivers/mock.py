@@ -1,21 +1,33 @@
-"""The mock driver: an in-memory VM with the real lifecycle, limits and bookkeeping.
+"""The mock driver: a VM without a VMM, with the real lifecycle, limits and bookkeeping.
 
-It runs no process. It is a test double for the layers above (sandbox, factory, CLI) and the
-reference point of the shared behavioural suite: every rule a real driver enforces — state
-guards, vCPU caps, memory slots and host limits, which devices can be removed — it enforces
-too, so a test that passes on the mock means something. ``crash()`` simulates the VMM dying.
-Pids and thread ids are synthetic (the VM has no process) and say so in :meth:`get_pids`.
+It is a test double for the layers above (sandbox, server, factory, CLI) and the reference
+point of the shared behavioural suite: every rule a real driver enforces — state guards,
+vCPU caps, memory slots and host limits, which devices can be removed — it enforces too, so a
+test that passes on the mock means something. ``crash()`` makes the VMM die.
 
-Inside a sandbox the mock's "VMM" is a small file in the run dir (``mock-vmm.json``: the
-run state while the VM runs or is paused, removed when it stops or crashes), so another
-process can :meth:`~MockHypervisor.reattach` to it exactly as to a real VMM, and finds it
-gone after a crash.
+Inside a sandbox (a run dir is known) its guest is real: the guest agent ``vc-agent``, built
+for the host (:func:`virtcontainers.guest.host_agent.host_agent`), runs as the "VMM" process
+on ``<run dir>/mock-agent.sock`` with ``--no-poweroff``, so ``Sandbox.exec`` and ``vc exec``
+run real processes (on the host: the mock isolates nothing) over the real protocol, and a
+guest shutdown ends the process as a power-off ends a VMM. Its pid is the VM's pid; the run
+dir is in its argv, as for every VMM, so ``vc ps`` sees it die. ``mock-vmm.json`` in the run
+dir holds the run state while the VM runs or is paused, so another process can
+:meth:`~MockHypervisor.reattach`, and finds it gone after a crash. The guest has no kernel of
+its own: ``/sys`` and ``/proc`` are the host's, so vCPUs and memory plugged at the driver level
+are not seen by the guest.
+
+Outside a sandbox (the behavioural suite) there is no guest and the pids are synthetic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +42,7 @@ from virtcontainers.devices import (
     HybridVSock,
     MemoryDevice,
     NetDevice,
+    SerialPort,
     VfioDevice,
     VhostUserDevice,
 )
@@ -38,8 +51,11 @@ from virtcontainers.drivers._resize import ResizeByHotplug, cpu_add_amount
 from virtcontainers.errors import (
     ConfigError,
     HypervisorError,
+    HypervisorTimeout,
+    LaunchError,
     StateError,
     UnsupportedError,
+    VirtContainersError,
 )
 from virtcontainers.hypervisor import (
     Capabilities,
@@ -52,6 +68,8 @@ from virtcontainers.hypervisor import (
     register_driver,
 )
 from virtcontainers.persist.hypervisor_state import HypervisorState
+from virtcontainers.process import VmmProcess, process_matches
+from virtcontainers.procfs import children_of
 
 __all__ = ["MockHypervisor"]
 
@@ -61,6 +79,11 @@ _FAKE_PID_BASE = 4_000_000
 _BRIDGE_SLOTS = 30
 #: The "VMM" another process reattaches to (see the module docstring).
 VMM_FILE = "mock-vmm.json"
+#: Where the guest agent listens, and its fake sysfs (CPU/memory onlining writes there).
+AGENT_SOCKET = "mock-agent.sock"
+AGENT_SYSFS = "mock-sysfs"
+#: The guest's output (the agent's log), read by ``Sandbox.logs``.
+CONSOLE_LOG = "console.log"
 
 
 @dataclass
@@ -84,6 +107,9 @@ class MockHypervisor(ResizeByHotplug):
         self._vm = _Vm()
         self._host_memory_mb = host_memory_mb
         self._run_dir = Path()
+        #: The guest agent (inside a sandbox): the VM's process. Named as the process-backed
+        #: drivers name theirs, so the sandbox server waits on it and learns its exit code.
+        self._process: VmmProcess | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -93,7 +119,8 @@ class MockHypervisor(ResizeByHotplug):
             return
         vmm = self._run_dir / VMM_FILE
         if new in (VmState.RUNNING, VmState.PAUSED):
-            vmm.write_text(json.dumps({"state": new.value, "pid": self._vm.pid}))
+            guest = self._process is not None
+            vmm.write_text(json.dumps({"state": new.value, "pid": self._vm.pid, "guest": guest}))
         elif new in (VmState.STOPPED, VmState.FAILED):
             vmm.unlink(missing_ok=True)
 
@@ -113,15 +140,85 @@ class MockHypervisor(ResizeByHotplug):
         self._set_state(VmState.CREATED)
 
     async def start_sandbox(self, timeout: float) -> None:
+        """Start the VM; inside a sandbox, its guest agent (ready when it accepts).
+
+        Raises:
+            ConfigError: a timeout that is not positive. LaunchError: the agent cannot be
+                built or started, or exited before it listened. HypervisorTimeout: it did
+                not listen within ``timeout``.
+        """
         self._require("start", VmState.CREATED)
         if timeout <= 0:
             raise ConfigError("start timeout must be positive", field="timeout")
-        self._vm.pid = _FAKE_PID_BASE + (hash(self.sandbox_id) % 100_000)
+        if self._has_guest():
+            await self._boot_guest(timeout)
+        else:
+            self._vm.pid = _FAKE_PID_BASE + (hash(self.sandbox_id) % 100_000)
         self._set_state(VmState.RUNNING)
 
+    def _has_guest(self) -> bool:
+        return self._run_dir != Path() and self._run_dir.is_dir()
+
+    async def _boot_guest(self, timeout: float) -> None:
+        from virtcontainers.guest.host_agent import host_agent
+
+        sock = self._run_dir / AGENT_SOCKET
+        sysfs = self._run_dir / AGENT_SYSFS
+        argv = ["vc-agent", "--unix", str(sock), "--sysfs-root", str(sysfs), "--no-poweroff"]
+        try:
+            binary = await asyncio.to_thread(host_agent)
+            argv[0] = str(binary)
+            sysfs.mkdir(mode=0o700, exist_ok=True)
+            proc = await VmmProcess.spawn(argv, log_path=self._run_dir / CONSOLE_LOG)
+        except (OSError, VirtContainersError) as exc:
+            raise LaunchError(f"cannot start the mock guest: {exc}", exit_code=None,
+                              argv=argv, log_tail="", driver="mock",
+                              sandbox_id=self.sandbox_id) from exc  # fmt: skip
+        self._process = proc
+        self._vm.pid = proc.pid
+        # The agent binds under a temporary name and renames, so the path means "listening".
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if not proc.alive():
+                await proc.wait(1.0)
+                self._forget_guest()
+                raise LaunchError("the mock guest exited before it listened",
+                                  exit_code=proc.returncode, argv=argv, log_tail=proc.log_tail(),
+                                  driver="mock", sandbox_id=self.sandbox_id)  # fmt: skip
+            if time.monotonic() >= deadline:
+                await self._stop_guest(wait=0.0)
+                raise HypervisorTimeout("start the mock guest", timeout, driver="mock",
+                                        sandbox_id=self.sandbox_id)  # fmt: skip
+            await asyncio.sleep(0.005)
+
+    async def _stop_guest(self, *, wait: float) -> None:
+        """Stop the guest agent (after ``wait`` s for it to exit by itself, as after a guest
+        shutdown) and every process it started: nothing of the VM outlives it."""
+        proc = self._process
+        if proc is None:
+            return
+        if wait:
+            await proc.wait(wait)
+        execs = children_of(proc.pid) if proc.alive() else []
+        for pgid in execs:  # each exec leads its own process group (the agent's setsid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        await proc.stop(term_timeout=5.0)
+        self._forget_guest()
+
+    def _forget_guest(self) -> None:
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+        if self._run_dir != Path():
+            (self._run_dir / AGENT_SOCKET).unlink(missing_ok=True)
+            shutil.rmtree(self._run_dir / AGENT_SYSFS, ignore_errors=True)
+
     async def stop_sandbox(self, wait_only: bool = False) -> None:
+        """Stop the VM; ``wait_only``: give the guest up to 10 s to exit by itself first."""
         if self.state is VmState.STOPPED:
             return
+        await self._stop_guest(wait=10.0 if wait_only else 0.0)
         self._vm.pid = 0
         self._vm.hot.clear()
         self._set_state(VmState.STOPPED)
@@ -146,22 +243,31 @@ class MockHypervisor(ResizeByHotplug):
         await asyncio.to_thread(Path(path).write_text, document)
 
     async def check(self) -> None:
+        if self.state in (VmState.RUNNING, VmState.PAUSED) and not self._guest_alive():
+            self._vm.pid = 0
+            self._set_state(VmState.FAILED)
         if self.state is VmState.FAILED:
             raise self._error("VMM is not running (crashed)")
         self._require("check", VmState.RUNNING, VmState.PAUSED)
+
+    def _guest_alive(self) -> bool:
+        return self._process is None or self._process.alive()
 
     async def disconnect(self) -> None:
         return None
 
     async def cleanup(self) -> None:
+        await self._stop_guest(wait=0.0)
         self._vm = _Vm()
 
     async def get_sandbox_console(self, sandbox_id: str) -> ConsoleUrl:
         return ConsoleUrl("unix", str(self._run_dir / "console.sock"))
 
     def crash(self) -> None:
-        """Test hook: the VMM dies under a running guest."""
+        """Test hook: the VMM dies under a running guest (its guest agent is SIGKILLed)."""
         self._require("crash", VmState.RUNNING, VmState.PAUSED)
+        if self._process is not None:
+            self._process.send_signal(signal.SIGKILL)
         self._vm.pid = 0
         self._set_state(VmState.FAILED)
 
@@ -267,6 +373,11 @@ class MockHypervisor(ResizeByHotplug):
         return self._config.resources.memory_size + sum(self._vm.dimms.values())
 
     async def generate_socket(self, id: str) -> AgentSocket:
+        """Inside a sandbox, the guest agent's unix socket (spoken to as a virtio-serial
+        port is: the host resyncs first); outside, a hybrid-vsock address nobody serves."""
+        if self._has_guest():
+            return SerialPort(id="agent0", name="vc.agent",
+                              host_path=str(self._run_dir / AGENT_SOCKET))  # fmt: skip
         return HybridVSock(uds_path=str(self._run_dir / "mock-hvsock.sock"), port=1024)
 
     # -- utilities ----------------------------------------------------------------------
@@ -292,7 +403,8 @@ class MockHypervisor(ResizeByHotplug):
         return {i: self._vm.pid + 1 + i for i in range(self._current_vcpus())}
 
     def get_pids(self) -> list[int]:
-        """Synthetic pids (no process exists); empty unless running or paused."""
+        """The guest agent's pid inside a sandbox, else a synthetic one; empty unless running
+        or paused."""
         return [self._vm.pid] if self._vm.pid else []
 
     async def to_grpc(self) -> bytes:
@@ -324,6 +436,10 @@ class MockHypervisor(ResizeByHotplug):
             run_state = VmState(vmm["state"])
         except (OSError, ValueError, KeyError, TypeError):
             raise self._error("the VM's mock VMM is gone") from None
+        if vmm.get("guest"):  # its guest agent is the VM's process: it must still run
+            if not (state.pid and process_matches(state.pid, str(self._run_dir))):
+                raise self._error(f"the VM's mock guest (pid {state.pid}) is gone")
+            self._process = VmmProcess.adopt(state.pid, log_path=self._run_dir / CONSOLE_LOG)
         self._set_state(run_state)
 
     def save(self) -> HypervisorState:

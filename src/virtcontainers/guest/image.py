@@ -219,12 +219,17 @@ def _agent_files() -> list[Path]:
     return [main, *sorted(AGENT_DIR.glob("*.h"))]
 
 
+def agent_digest() -> str:
+    """SHA-256 over the agent's source files (names and contents): what a build depends on."""
+    agent = hashlib.sha256()
+    for path in _agent_files():
+        agent.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return agent.hexdigest()
+
+
 def _local_inputs(flavour: Flavour) -> dict[str, Any]:
     """Everything the key depends on that is known without asking apt."""
-    agent = hashlib.sha256()
     files = _agent_files()
-    for path in files:
-        agent.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     host_bb = HOST_BUSYBOX.is_file() and debian.is_static_elf(HOST_BUSYBOX)
     return {
         "builder_version": BUILDER_VERSION,
@@ -232,7 +237,7 @@ def _local_inputs(flavour: Flavour) -> dict[str, Any]:
         "boot_modules": list(flavour.boot_modules),
         "extra_modules": list(flavour.extra_modules),
         "init_sha256": _sha256_file(INIT_SCRIPT),
-        "agent_sha256": agent.hexdigest() if files else None,
+        "agent_sha256": agent_digest() if files else None,
         "busybox": f"host:{_sha256_file(HOST_BUSYBOX)}" if host_bb else "deb:busybox-static",
     }
 
