@@ -426,7 +426,8 @@ class Sandbox:
             hv = None
         powered_off = False
         if wait_only and hv is not None:
-            with contextlib.suppress(AgentError, OSError):
+            # StateError: the VMM died meanwhile; it is stopped (cleaned up) below.
+            with contextlib.suppress(AgentError, StateError, OSError):
                 agent = await self._connect_agent(timeout=2.0)
                 await agent.shutdown(timeout=5.0)
                 powered_off = True
@@ -520,7 +521,8 @@ class Sandbox:
         WorkingDir (unless ``cwd``) and User (unless ``user`` or ``uid``/``gid``) apply.
 
         Raises:
-            AgentError: the agent is unreachable or refused (e.g. no such program).
+            StateError: the sandbox is not running (created, stopped, exited: its VMM is
+                gone). AgentError: the agent is unreachable or refused (e.g. no such program).
             ConfigError: ``user`` is not in the image's /etc/passwd or /etc/group.
         """
         env, cwd, uid, gid = self._exec_defaults(env, cwd, uid, gid, user)
@@ -552,8 +554,8 @@ class Sandbox:
         (needs a sandbox server, which keeps its output for a later ``attach``).
 
         Raises:
-            AgentError: the agent is unreachable or refused. StateError: ``detach`` without
-                a sandbox server.
+            AgentError: the agent is unreachable or refused. StateError: the sandbox is not
+                running (see :meth:`exec`), or ``detach`` without a sandbox server.
         """
         env, cwd, uid, gid = self._exec_defaults(env, cwd, uid, gid, user)
         agent = await self._connect_agent()
@@ -714,11 +716,21 @@ class Sandbox:
             return self._agent
         if (remote := await self._server()) is not None:
             return remote
-        if not self._doc.agent:
+        operation = "talk to the guest agent"
+        if not self._doc.state.live:
+            raise StateError(operation, self._doc.state, [VmState.RUNNING], sandbox_id=self.id)
+        if self._doc.agent is None:
             raise AgentError(f"sandbox {self.id} has no agent channel (state {self._doc.state})")
         from virtcontainers.agent.transport import connect_channel
 
-        (reader, writer), resync = await connect_channel(self._doc.agent, timeout=timeout)
+        try:
+            (reader, writer), resync = await connect_channel(self._doc.agent, timeout=timeout)
+        except AgentError as exc:
+            if self._vmm_alive():
+                raise
+            # Not an agent problem: the VM is gone (it died between two commands).
+            raise StateError(operation, f"{VmState.EXITED} (its VMM is gone)", [VmState.RUNNING],
+                             sandbox_id=self.id) from exc  # fmt: skip
         agent = AgentClient(reader, writer, timeout=timeout, resync=resync)
         await agent.__aenter__()
         self._agent = agent
