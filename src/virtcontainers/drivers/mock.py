@@ -22,17 +22,13 @@ Outside a sandbox (the behavioural suite) there is no guest and the pids are syn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import shutil
-import signal
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from virtcontainers.config import HypervisorConfig
+from virtcontainers.deadline import Deadline
 from virtcontainers.devices import (
     AgentSocket,
     BlockDrive,
@@ -42,21 +38,13 @@ from virtcontainers.devices import (
     HybridVSock,
     MemoryDevice,
     NetDevice,
-    SerialPort,
     VfioDevice,
     VhostUserDevice,
 )
 from virtcontainers.drivers._grpc import decode_vm, encode_vm
 from virtcontainers.drivers._resize import ResizeByHotplug, cpu_add_amount
-from virtcontainers.errors import (
-    ConfigError,
-    HypervisorError,
-    HypervisorTimeout,
-    LaunchError,
-    StateError,
-    UnsupportedError,
-    VirtContainersError,
-)
+from virtcontainers.drivers.mock_guest import MockGuest, agent_socket
+from virtcontainers.errors import ConfigError, HypervisorError, StateError, UnsupportedError
 from virtcontainers.hypervisor import (
     Capabilities,
     Capability,
@@ -69,7 +57,6 @@ from virtcontainers.hypervisor import (
 )
 from virtcontainers.persist.hypervisor_state import HypervisorState
 from virtcontainers.process import VmmProcess, process_matches
-from virtcontainers.procfs import children_of
 
 __all__ = ["MockHypervisor"]
 
@@ -79,11 +66,6 @@ _FAKE_PID_BASE = 4_000_000
 _BRIDGE_SLOTS = 30
 #: The "VMM" another process reattaches to (see the module docstring).
 VMM_FILE = "mock-vmm.json"
-#: Where the guest agent listens, and its fake sysfs (CPU/memory onlining writes there).
-AGENT_SOCKET = "mock-agent.sock"
-AGENT_SYSFS = "mock-sysfs"
-#: The guest's output (the agent's log), read by ``Sandbox.logs``.
-CONSOLE_LOG = "console.log"
 
 
 @dataclass
@@ -107,9 +89,14 @@ class MockHypervisor(ResizeByHotplug):
         self._vm = _Vm()
         self._host_memory_mb = host_memory_mb
         self._run_dir = Path()
-        #: The guest agent (inside a sandbox): the VM's process. Named as the process-backed
-        #: drivers name theirs, so the sandbox server waits on it and learns its exit code.
-        self._process: VmmProcess | None = None
+        #: The guest agent (inside a sandbox): the VM's process.
+        self._guest: MockGuest | None = None
+
+    @property
+    def _process(self) -> VmmProcess | None:
+        """The VM's process, named as the process-backed drivers name theirs, so the sandbox
+        server waits on it and learns its exit code."""
+        return self._guest.process if self._guest is not None else None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -119,7 +106,7 @@ class MockHypervisor(ResizeByHotplug):
             return
         vmm = self._run_dir / VMM_FILE
         if new in (VmState.RUNNING, VmState.PAUSED):
-            guest = self._process is not None
+            guest = self._guest is not None
             vmm.write_text(json.dumps({"state": new.value, "pid": self._vm.pid, "guest": guest}))
         elif new in (VmState.STOPPED, VmState.FAILED):
             vmm.unlink(missing_ok=True)
@@ -160,59 +147,15 @@ class MockHypervisor(ResizeByHotplug):
         return self._run_dir != Path() and self._run_dir.is_dir()
 
     async def _boot_guest(self, timeout: float) -> None:
-        from virtcontainers.guest.host_agent import host_agent
-
-        sock = self._run_dir / AGENT_SOCKET
-        sysfs = self._run_dir / AGENT_SYSFS
-        argv = ["vc-agent", "--unix", str(sock), "--sysfs-root", str(sysfs), "--no-poweroff"]
-        try:
-            binary = await asyncio.to_thread(host_agent)
-            argv[0] = str(binary)
-            sysfs.mkdir(mode=0o700, exist_ok=True)
-            proc = await VmmProcess.spawn(argv, log_path=self._run_dir / CONSOLE_LOG)
-        except (OSError, VirtContainersError) as exc:
-            raise LaunchError(f"cannot start the mock guest: {exc}", exit_code=None,
-                              argv=argv, log_tail="", driver="mock",
-                              sandbox_id=self.sandbox_id) from exc  # fmt: skip
-        self._process = proc
-        self._vm.pid = proc.pid
-        # The agent binds under a temporary name and renames, so the path means "listening".
-        deadline = time.monotonic() + timeout
-        while not sock.exists():
-            if not proc.alive():
-                await proc.wait(1.0)
-                self._forget_guest()
-                raise LaunchError("the mock guest exited before it listened",
-                                  exit_code=proc.returncode, argv=argv, log_tail=proc.log_tail(),
-                                  driver="mock", sandbox_id=self.sandbox_id)  # fmt: skip
-            if time.monotonic() >= deadline:
-                await self._stop_guest(wait=0.0)
-                raise HypervisorTimeout("start the mock guest", timeout, driver="mock",
-                                        sandbox_id=self.sandbox_id)  # fmt: skip
-            await asyncio.sleep(0.005)
+        self._guest = await MockGuest.boot(
+            self._run_dir, Deadline.after(timeout), sandbox_id=self.sandbox_id
+        )
+        self._vm.pid = self._guest.process.pid
 
     async def _stop_guest(self, *, wait: float) -> None:
-        """Stop the guest agent (after ``wait`` s for it to exit by itself, as after a guest
-        shutdown) and every process it started: nothing of the VM outlives it."""
-        proc = self._process
-        if proc is None:
-            return
-        if wait:
-            await proc.wait(wait)
-        execs = children_of(proc.pid) if proc.alive() else []
-        for pgid in execs:  # each exec leads its own process group (the agent's setsid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-        await proc.stop(term_timeout=5.0)
-        self._forget_guest()
-
-    def _forget_guest(self) -> None:
-        if self._process is not None:
-            self._process.close()
-            self._process = None
-        if self._run_dir != Path():
-            (self._run_dir / AGENT_SOCKET).unlink(missing_ok=True)
-            shutil.rmtree(self._run_dir / AGENT_SYSFS, ignore_errors=True)
+        guest, self._guest = self._guest, None
+        if guest is not None:
+            await guest.stop(wait=wait)
 
     async def stop_sandbox(self, wait_only: bool = False) -> None:
         """Stop the VM; ``wait_only``: give the guest up to 10 s to exit by itself first."""
@@ -251,7 +194,7 @@ class MockHypervisor(ResizeByHotplug):
         self._require("check", VmState.RUNNING, VmState.PAUSED)
 
     def _guest_alive(self) -> bool:
-        return self._process is None or self._process.alive()
+        return self._guest is None or self._guest.alive()
 
     async def disconnect(self) -> None:
         return None
@@ -266,8 +209,8 @@ class MockHypervisor(ResizeByHotplug):
     def crash(self) -> None:
         """Test hook: the VMM dies under a running guest (its guest agent is SIGKILLed)."""
         self._require("crash", VmState.RUNNING, VmState.PAUSED)
-        if self._process is not None:
-            self._process.send_signal(signal.SIGKILL)
+        if self._guest is not None:
+            self._guest.kill()
         self._vm.pid = 0
         self._set_state(VmState.FAILED)
 
@@ -376,8 +319,7 @@ class MockHypervisor(ResizeByHotplug):
         """Inside a sandbox, the guest agent's unix socket (spoken to as a virtio-serial
         port is: the host resyncs first); outside, a hybrid-vsock address nobody serves."""
         if self._has_guest():
-            return SerialPort(id="agent0", name="vc.agent",
-                              host_path=str(self._run_dir / AGENT_SOCKET))  # fmt: skip
+            return agent_socket(self._run_dir)
         return HybridVSock(uds_path=str(self._run_dir / "mock-hvsock.sock"), port=1024)
 
     # -- utilities ----------------------------------------------------------------------
@@ -439,7 +381,7 @@ class MockHypervisor(ResizeByHotplug):
         if vmm.get("guest"):  # its guest agent is the VM's process: it must still run
             if not (state.pid and process_matches(state.pid, str(self._run_dir))):
                 raise self._error(f"the VM's mock guest (pid {state.pid}) is gone")
-            self._process = VmmProcess.adopt(state.pid, log_path=self._run_dir / CONSOLE_LOG)
+            self._guest = MockGuest.adopt(self._run_dir, state.pid)
         self._set_state(run_state)
 
     def save(self) -> HypervisorState:
