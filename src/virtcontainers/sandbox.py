@@ -104,7 +104,9 @@ def _exited(result: ExecResult) -> dict[str, object]:
             "vc.exec.timed_out": result.timed_out}  # fmt: skip
 
 
-def _file(sb: Sandbox, path: str, data: bytes = b"", *_args: object) -> dict[str, object]:
+def _file(
+    sb: Sandbox, path: str, data: bytes = b"", *_args: object, **_kw: object
+) -> dict[str, object]:
     return {**_ids(sb), "vc.file.path": path, "vc.file.bytes": len(data)}
 
 
