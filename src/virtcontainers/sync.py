@@ -20,6 +20,7 @@ from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import ColdPlugDevice
 from virtcontainers.hypervisor import HypervisorType
 from virtcontainers.images.store import StoredImage
+from virtcontainers.lifecycle import VmState
 from virtcontainers.network import NetworkSpec
 from virtcontainers.persist.store import StateStore
 from virtcontainers.sandbox import Sandbox, SandboxInfo
@@ -136,7 +137,7 @@ class SyncSandbox:
             self._loop.close()
 
     def __enter__(self) -> SyncSandbox:
-        if self.info().state == "created":
+        if self.info().state is VmState.CREATED:
             self.start(server=self._server, ephemeral=self._server)
         return self
 

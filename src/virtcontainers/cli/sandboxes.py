@@ -139,7 +139,7 @@ def logs(sandbox_id: str, follow: bool) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         offset += len(data)
-        if not follow or sandbox.info().state not in ("running", "paused"):
+        if not follow or not sandbox.info().state.live:
             return
         sandbox = _run(Sandbox.attach(sandbox_id))
         time.sleep(0.2)
@@ -222,7 +222,7 @@ def rm(sandbox_ids: tuple[str, ...], force: bool) -> None:
     for sandbox_id in sandbox_ids:
 
         async def go(s: Sandbox) -> None:
-            if s.info().state in ("running", "paused") and not force:
+            if s.info().state.live and not force:
                 raise ConfigError(f"sandbox {s.id} is running: stop it or use --force")
             await s.remove()
 
