@@ -29,7 +29,9 @@ Errors carry data as attributes so callers never parse messages. Backend excepti
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 __all__ = [
     "AgentError",
@@ -77,6 +79,23 @@ class ConfigError(VirtContainersError):
         if self.allowed:
             message = f"{message} (allowed: {', '.join(self.allowed)})"
         super().__init__(message)
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def parse_enum(kind: type[E], value: object, *, field: str, message: str) -> E:
+    """``kind(value)`` (a member passes as it is).
+
+    Raises:
+        ConfigError: ``message``, naming ``field`` and the allowed values.
+    """
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(message, field=field, allowed=[str(m.value) for m in kind]) from None
 
 
 class AnnotationError(ConfigError):

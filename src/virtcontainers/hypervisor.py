@@ -20,7 +20,7 @@ from typing import ClassVar, Protocol, TypeVar
 
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import AgentSocket, ColdPlugDevice, HotplugDevice, MemoryDevice
-from virtcontainers.errors import ConfigError, StateError, UnsupportedError
+from virtcontainers.errors import ConfigError, StateError, UnsupportedError, parse_enum
 from virtcontainers.lifecycle import VmState
 from virtcontainers.persist.hypervisor_state import HypervisorState
 from virtcontainers.telemetry.tracing import instrument_hypervisor
@@ -56,14 +56,9 @@ class HypervisorType(enum.StrEnum):
     @classmethod
     def parse(cls, value: str) -> HypervisorType:
         """Raises ConfigError("Unknown hypervisor type X") for any other name."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(
-                f"Unknown hypervisor type {value}",
-                field="hypervisor",
-                allowed=[t.value for t in cls],
-            ) from None
+        return parse_enum(
+            cls, value, field="hypervisor", message=f"Unknown hypervisor type {value}"
+        )
 
 
 class Capability(enum.Flag):

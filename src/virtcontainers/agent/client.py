@@ -82,6 +82,8 @@ class Stream(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class VersionInfo:
+    """What the agent answers to a ping: its protocol version and its own version."""
+
     protocol_major: int
     protocol_minor: int
     agent_version: str

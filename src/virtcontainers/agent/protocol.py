@@ -190,6 +190,8 @@ class ErrorCode(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
+    """One frame of the channel: its type, request id, payload, flags and version."""
+
     type: int
     id: int
     payload: bytes = b""

@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 from enum import Enum
 
-from virtcontainers.errors import ConfigError, StoreError
+from virtcontainers.errors import ConfigError, StoreError, parse_enum
 
 __all__ = [
     "DEFAULT_TAP_RANGE",
@@ -37,16 +37,7 @@ class NetworkMode(Enum):
     @classmethod
     def parse(cls, value: NetworkMode | str) -> NetworkMode:
         """Raises ConfigError naming the allowed modes."""
-        if isinstance(value, NetworkMode):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(
-                f"unknown network mode {value!r}",
-                field="network",
-                allowed=[m.value for m in cls],
-            ) from None
+        return parse_enum(cls, value, field="network", message=f"unknown network mode {value!r}")
 
 
 class Protocol(Enum):

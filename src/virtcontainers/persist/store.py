@@ -32,7 +32,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import shutil
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Final
 
 from virtcontainers.errors import StoreError
-from virtcontainers.fsutil import atomic_write, mkdir_private, open_private
+from virtcontainers.fsutil import atomic_write, flock, mkdir_private, open_private
 from virtcontainers.persist.document import ID_PATTERN, ID_RULE, SCHEMA_VERSION, SandboxDocument
 
 __all__ = [
@@ -359,7 +358,6 @@ class StateStore:
             os.close(fd)  # releases the flock
 
     def _acquire(self, sandbox_id: str, path: Path, exclusive: bool) -> int:
-        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         deadline = None if self._lock_timeout is None else time.monotonic() + self._lock_timeout
         while True:
             try:
@@ -377,7 +375,8 @@ class StateStore:
                 except OSError as again:
                     raise _wrap(again, "cannot open lock file", path) from again
             try:
-                self._flock(fd, op, deadline, path)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                flock(fd, exclusive=exclusive, timeout=left)
                 # delete() may have removed (and create_sandbox_dir recreated) the directory
                 # while we waited; a lock on an unlinked file protects nothing.
                 try:
@@ -390,6 +389,11 @@ class StateStore:
                 mine = os.fstat(fd)
                 if (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino):
                     return fd
+            except TimeoutError:
+                os.close(fd)
+                raise StoreError(
+                    f"timed out after {self._lock_timeout:g} s waiting for the lock", path=str(path)
+                ) from None
             except OSError as exc:
                 os.close(fd)
                 raise _wrap(exc, "cannot lock", path) from exc
@@ -397,30 +401,6 @@ class StateStore:
                 os.close(fd)
                 raise
             os.close(fd)  # replaced by a new sandbox of the same id: lock that one
-
-    def _flock(self, fd: int, op: int, deadline: float | None, path: Path) -> None:
-        try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        if deadline is None:
-            fcntl.flock(fd, op)
-            return
-        delay = 0.001
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise StoreError(
-                    f"timed out after {self._lock_timeout:g} s waiting for the lock", path=str(path)
-                )
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.02)
-            try:
-                fcntl.flock(fd, op | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                continue
 
     def _read(self, sandbox_id: str) -> SandboxDocument:
         path = self.state_path(sandbox_id)
