@@ -34,6 +34,7 @@ import msgspec
 from virtcontainers.agent.client import AgentClient, ExecProcess, ExecResult
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.config.serialize import config_from_dict, config_to_dict
+from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.devices import (
     AgentSocket,
     ColdPlugDevice,
@@ -484,21 +485,30 @@ class Sandbox:
 
     @traced("sandbox.pause", _ids)
     async def pause(self) -> None:
-        if (remote := await self._server()) is not None:
-            await remote.call("pause")
-            self.reload()
-            return
-        await (await self._control()).pause_sandbox()
-        self._save(VmState.PAUSED)
+        """Freeze the guest's vCPUs.
+
+        Raises:
+            StateError: not running. HypervisorError: the VMM refused or is gone.
+        """
+        await self._pause_or_resume("pause", VmState.PAUSED)
 
     @traced("sandbox.resume", _ids)
     async def resume(self) -> None:
+        """Let a paused guest run again.
+
+        Raises:
+            StateError: not paused. HypervisorError: the VMM refused or is gone.
+        """
+        await self._pause_or_resume("resume", VmState.RUNNING)
+
+    async def _pause_or_resume(self, op: str, after: VmState) -> None:
         if (remote := await self._server()) is not None:
-            await remote.call("resume")
+            await remote.call(op)
             self.reload()
             return
-        await (await self._control()).resume_sandbox()
-        self._save(VmState.RUNNING)
+        hv = await self._control()
+        await (hv.pause_sandbox() if op == "pause" else hv.resume_sandbox())
+        self._save(after)
 
     # -- work in the guest ------------------------------------------------------------
 
@@ -669,31 +679,34 @@ class Sandbox:
 
     async def _online_cpus(self, want: int, timeout: float = 20.0) -> None:
         agent = await self._connect_agent()
-        deadline = time.monotonic() + timeout
-        while True:
+        online = 0
+
+        async def enough() -> bool | None:
+            nonlocal online
             await agent.online_cpus()
             online = await self._guest_cpus()
-            if online >= want:
-                return
-            if time.monotonic() > deadline:
-                raise AgentError(
-                    f"the guest shows {online} of {want} vCPUs online after {timeout} s"
-                )
-            await asyncio.sleep(0.05)
+            return True if online >= want else None
+
+        def late() -> AgentError:
+            return AgentError(f"the guest shows {online} of {want} vCPUs online after {timeout} s")
+
+        await poll_until(Deadline.after(timeout), enough, on_timeout=late, interval=0.05)
 
     async def _online_memory(self, blocks: int, timeout: float = 20.0) -> None:
         agent = await self._connect_agent()
-        deadline = time.monotonic() + timeout
         onlined = 0
-        while True:
+
+        async def enough() -> bool | None:
+            nonlocal onlined
             onlined += await agent.online_memory()
-            if onlined >= blocks:
-                return
-            if time.monotonic() > deadline:
-                raise AgentError(
-                    f"the guest onlined {onlined} of {blocks} memory blocks after {timeout} s"
-                )
-            await asyncio.sleep(0.05)
+            return True if onlined >= blocks else None
+
+        def late() -> AgentError:
+            return AgentError(
+                f"the guest onlined {onlined} of {blocks} memory blocks after {timeout} s"
+            )
+
+        await poll_until(Deadline.after(timeout), enough, on_timeout=late, interval=0.05)
 
     # -- connections ------------------------------------------------------------------
 
