@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from virtcontainers.command import run_captured
 from virtcontainers.errors import VirtContainersError
 from virtcontainers.fsutil import atomic_write, mkdir_private
 from virtcontainers.hypervisor import HypervisorType
@@ -650,15 +651,7 @@ class BinaryInfo:
 def binary_version(path: Path, timeout: float = 5.0) -> tuple[str | None, str | None]:
     """``(first line of '<path> --version', error)``; exactly one of them is None."""
     try:
-        proc = subprocess.run(
-            [str(path), "--version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-        )
+        proc = run_captured([str(path), "--version"], timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"'--version' did not answer within {timeout:g} s"
     except OSError as exc:

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtcontainers.command import run_captured
 from virtcontainers.guest.build_error import ImageBuildError
 
 __all__ = [
@@ -56,16 +57,7 @@ def _tool(name: str, step: str) -> str:
 
 def _run(argv: list[str], step: str, *, cwd: Path | None = None) -> str:
     try:
-        proc = subprocess.run(
-            argv,
-            cwd=cwd,
-            env=_ENV,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=_APT_TIMEOUT,
-            check=False,
-        )
+        proc = run_captured(argv, cwd=cwd, env=_ENV, timeout=_APT_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ImageBuildError(step, f"{argv[0]}: {exc}") from exc
     if proc.returncode != 0:

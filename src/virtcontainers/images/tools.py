@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from virtcontainers.command import run_captured
 from virtcontainers.errors import ImageError
 
 __all__ = ["require", "run_tool"]
@@ -48,15 +49,7 @@ def run_tool(
     """
     full = [require(argv[0], ref=ref), *argv[1:]]
     try:
-        proc = subprocess.run(
-            full,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        proc = run_captured(full, cwd=cwd, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise ImageError(f"{step}: {argv[0]} took longer than {timeout:g} s", ref=ref) from exc
     except OSError as exc:

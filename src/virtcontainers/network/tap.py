@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtcontainers.command import run_captured
 from virtcontainers.errors import ConfigError, NetworkError
 from virtcontainers.network import nft
 from virtcontainers.network.guest import GuestAddressing
@@ -293,14 +294,7 @@ def _run(
 ) -> str:
     """Run one command (argv, no shell); its stdout. Raises NetworkError when ``check``."""
     try:
-        proc = subprocess.run(
-            argv,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT,
-            stdin=None if input is not None else subprocess.DEVNULL,
-        )
+        proc = run_captured(argv, input=input, timeout=_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         if check:
             raise NetworkError(f"{argv[0]} failed: {exc}", argv=argv) from exc
