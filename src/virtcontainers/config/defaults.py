@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_VCPUS",
     "MAX_QEMU_VCPUS_AMD64",
     "MIN_HYPERVISOR_MEMORY_MIB",
+    "GUEST_KERNEL_PARAMS",
     "NVDIMM_KERNEL_ROOT_PARAMS",
     "NVDIMM_NO_DAX_KERNEL_ROOT_PARAMS",
     "VIRTIO_BLK_KERNEL_ROOT_PARAMS",
@@ -70,6 +71,13 @@ def default_max_vcpus(requested: int) -> int:
     return limit if requested <= 0 else min(requested, limit)
 
 
+#: Kernel parameters the reference gives the guests of QEMU and Cloud Hypervisor alike.
+GUEST_KERNEL_PARAMS = (
+    Param("noreplace-smp"),
+    Param("reboot", "k"),
+    Param("cryptomgr.notests"),
+    Param("net.ifnames", "0"),
+)
 NVDIMM_KERNEL_ROOT_PARAMS = (
     Param("root", "/dev/pmem0p1"),
     Param("rootflags", "dax,data=ordered,errors=remount-ro ro"),

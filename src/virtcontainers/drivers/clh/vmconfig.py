@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virtcontainers.config import HypervisorConfig, Param, serialize_params
-from virtcontainers.config.defaults import VIRTIO_BLK_KERNEL_ROOT_PARAMS
+from virtcontainers.config.defaults import GUEST_KERNEL_PARAMS, VIRTIO_BLK_KERNEL_ROOT_PARAMS
 from virtcontainers.devices import (
     BlockDrive,
     FsShare,
@@ -60,10 +60,7 @@ _KERNEL_PARAMS = (
     Param("console", "ttyS0"),
     Param("panic", "1"),
     Param("no_timer_check"),
-    Param("noreplace-smp"),
-    Param("reboot", "k"),
-    Param("cryptomgr.notests"),
-    Param("net.ifnames", "0"),
+    *GUEST_KERNEL_PARAMS,
     Param("vc.agent", "vsock"),
 )
 

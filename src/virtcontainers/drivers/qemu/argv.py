@@ -18,6 +18,7 @@ from pathlib import Path
 
 from virtcontainers.config import HypervisorConfig, Param, serialize_params
 from virtcontainers.config.defaults import (
+    GUEST_KERNEL_PARAMS,
     NVDIMM_KERNEL_ROOT_PARAMS,
     VIRTIO_BLK_KERNEL_ROOT_PARAMS,
     BlockDriver,
@@ -62,10 +63,7 @@ _KERNEL_PARAMS = (
     Param("i8042.dumbkbd", "1"),
     Param("i8042.nopnp", "1"),
     Param("i8042.noaux", "1"),
-    Param("noreplace-smp"),
-    Param("reboot", "k"),
-    Param("cryptomgr.notests"),
-    Param("net.ifnames", "0"),
+    *GUEST_KERNEL_PARAMS,
     Param("panic", "1"),
 )
 
