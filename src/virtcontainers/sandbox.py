@@ -45,7 +45,7 @@ from virtcontainers.devices import (
     SerialPort,
     VSock,
 )
-from virtcontainers.errors import AgentError, HypervisorError, StateError, StoreError
+from virtcontainers.errors import AgentError, HypervisorError, LaunchError, StateError, StoreError
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
 from virtcontainers.images.pull import ensure_image
@@ -357,8 +357,12 @@ class Sandbox:
                 await hv.stop_sandbox()
             with contextlib.suppress(Exception):
                 await self._teardown_network()
-            why = f"the boot failed: {str(exc) or type(exc).__name__}"
-            self._save(VmState.FAILED, exit=ExitRecord(reason=why, time=time.time()))
+            # The first line: a LaunchError goes on with the VMM's log tail (in the log file).
+            why = f"the boot failed: {(str(exc) or type(exc).__name__).splitlines()[0]}"
+            code = exc.exit_code if isinstance(exc, LaunchError) else None
+            self._save(
+                VmState.FAILED, exit=ExitRecord(reason=why, time=time.time(), exit_code=code)
+            )
             raise
         if detach:
             await self._release()

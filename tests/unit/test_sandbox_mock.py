@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from virtcontainers.config import HypervisorConfig
-from virtcontainers.errors import StateError, StoreError
+from virtcontainers.errors import LaunchError, StateError, StoreError
 from virtcontainers.lifecycle import VmState
 from virtcontainers.listing import GONE, list_sandboxes
 from virtcontainers.persist import StateStore
@@ -211,6 +211,29 @@ async def test_a_corrupt_record_is_a_store_error_naming_its_path(
     assert err.value.path == str(path)
     assert list_sandboxes(store) == []  # listed as unreadable (a warning), not shown as valid
     path.write_bytes(good)  # so that the fixture can stop and remove it
+
+
+async def test_a_boot_failure_is_recorded_failed_with_its_reason(
+    config: HypervisorConfig, root: Path
+) -> None:
+    # A run dir so deep that the agent's socket path cannot fit in sun_path: the guest exits.
+    store = StateStore(root / ("d" * 100) / "vc")
+    sb = await Sandbox.create(config, id="m3", hypervisor="mock", store=store)
+    with pytest.raises(LaunchError, match="the mock guest exited before it listened") as err:
+        await sb.start(timeout=60)
+    assert err.value.exit_code == 2
+    assert "socket path too long" in err.value.log_tail
+    doc = store.load("m3")
+    assert doc.state is VmState.FAILED
+    assert doc.exit is not None
+    assert doc.exit.reason == (
+        "the boot failed: [mock:m3] the mock guest exited before it listened (exit code 2)"
+    )
+    assert (doc.exit.exit_code, doc.exit.time is not None) == (2, True)
+    with pytest.raises(StateError, match="cannot start while failed; requires created"):
+        await sb.start(timeout=60)
+    await sb.remove()
+    assert store.list() == []
 
 
 async def test_attach_of_an_unknown_id_is_a_store_error(store: StateStore) -> None:
