@@ -175,9 +175,16 @@ def test_guest_poweroff_is_recorded(guest_image: GuestImage, vc_root: Path) -> N
     assert vc("create", "--id", "off").returncode == 0
     assert vc("start", "off").returncode == 0
     vc("exec", "off", "--", "sh", "-c", "echo bye from the guest; poweroff -f")
-    # It ended by itself: recorded as exited (not stopped), with how and when.
-    wait_until("recorded as exited", lambda: ps("off")["state"] == "exited", 30)
+
+    # It ended by itself: recorded as exited (not stopped), with how and when. Wait for the
+    # server's record (it has a time), not for `vc ps` seeing QEMU gone, which comes first.
+    def recorded() -> bool:
+        ended = ps("off")["exit"]
+        return isinstance(ended, dict) and ended.get("time") is not None
+
+    wait_until("recorded as exited", recorded, 30)
     info = ps("off")
+    assert info["state"] == "exited"
     assert info["exit"]["reason"] == "the guest powered off"  # type: ignore[index]
     assert info["exit"]["exit_code"] == 0  # type: ignore[index]
     assert isinstance(info["exit"]["time"], float)  # type: ignore[index]
