@@ -143,9 +143,10 @@ async def test_stop_leaves_no_process_of_the_guest(running: Sandbox) -> None:
         if first.endswith(b"\n"):
             break
     child = int(first)
-    assert process_matches(child, "sleep")
+    assert processes_mentioning("sleep 300"), "the exec runs"
     await running.stop(wait_only=False)
     await _gone(child, "sleep")
+    assert processes_mentioning("sleep 300") == [], "nothing of the guest outlives it"
 
 
 async def test_another_process_attaches_execs_and_stops(
