@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from virtcontainers.config import HypervisorConfig
-from virtcontainers.errors import LaunchError, StateError, StoreError
+from virtcontainers.errors import AgentError, LaunchError, StateError, StoreError
 from virtcontainers.lifecycle import VmState
 from virtcontainers.listing import GONE, list_sandboxes
 from virtcontainers.persist import StateStore
@@ -136,17 +136,20 @@ async def test_a_vmm_that_died_between_commands(running: Sandbox, store: StateSt
 
 
 async def test_stop_leaves_no_process_of_the_guest(running: Sandbox) -> None:
-    proc = await running.exec_stream(["sh", "-c", "echo $$; exec sleep 300"])
-    first = b""
-    async for _stream, data in proc:
-        first += data
-        if first.endswith(b"\n"):
-            break
-    child = int(first)
-    assert processes_mentioning("sleep 300"), "the exec runs"
+    # A unique argv word (the duration), so the guest's process is found on the host by what
+    # it runs; its output is never read (the stream stays open, as an attached client keeps it).
+    marker = f"300.{os.getpid()}"
+    proc = await running.exec_stream(["sleep", marker])
+    async with asyncio.timeout(20):
+        while not (found := processes_mentioning(marker)):
+            await asyncio.sleep(0.02)
+    [child] = found
+    assert process_matches(child, "sleep")
     await running.stop(wait_only=False)
     await _gone(child, "sleep")
-    assert processes_mentioning("sleep 300") == [], "nothing of the guest outlives it"
+    assert processes_mentioning(marker) == [], "nothing of the guest outlives it"
+    with pytest.raises(AgentError, match="agent client is closed"):
+        await proc.wait()  # its stream ended with the sandbox, without a status
 
 
 async def test_another_process_attaches_execs_and_stops(
