@@ -12,6 +12,7 @@ import io
 import json
 import os
 import socket
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,8 +260,12 @@ async def _ping(agent: Agent) -> None:
 @given(burst=st.lists(frames(), min_size=1, max_size=8))
 def test_agent_frames(burst: list[bytes], fuzzed_agent: Agent) -> None:
     with socket.socket(socket.AF_UNIX) as conn:
-        conn.settimeout(5)
+        # A blocking connect waits (up to SO_SNDTIMEO) while the agent's listen backlog is
+        # full of earlier examples it has not accepted yet; with settimeout() the connect is
+        # non-blocking and fails at once with EAGAIN (seen under load).
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
         conn.connect(fuzzed_agent.sock)
+        conn.settimeout(5)
         conn.sendall(b"".join(burst)[: 4 * MAX_PAYLOAD])
     assert fuzzed_agent.proc.poll() is None, fuzzed_agent.log_text()[-2000:]
 
