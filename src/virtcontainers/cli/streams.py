@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import select
 import signal
@@ -22,7 +23,7 @@ import stat
 import sys
 import termios
 import tty as tty_mod
-from collections.abc import Awaitable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -129,66 +130,29 @@ def _handled_signals(mode: _Mode) -> tuple[signal.Signals, ...]:
 
 async def follow(proc: ExecProcess, *, tty: bool, interactive: bool) -> int:
     """Stream a started (or attached) process to our terminal until it exits."""
-    import asyncio
-
+    from virtcontainers.agent.attach import follow_process
     from virtcontainers.agent.client import Stream
 
-    loop = asyncio.get_running_loop()
-    feeder: asyncio.Task[None] | None = None
-    handled: list[signal.Signals] = []
+    def write(stream: Stream, data: bytes) -> None:
+        out = sys.stdout.buffer if stream is Stream.STDOUT else sys.stderr.buffer
+        out.write(data)
+        out.flush()
+
     with _terminal(tty=tty, interactive=interactive) as mode:
-        try:
-            for sig in _handled_signals(mode):
-                if sig == signal.SIGWINCH:
-                    loop.add_signal_handler(sig, _resize_soon, proc)
-                else:
-                    loop.add_signal_handler(sig, _signal_soon, proc, sig)
-                handled.append(sig)
-            if mode.forward:
-                feeder = asyncio.create_task(_feed_stdin(proc))
-            else:
-                await proc.close_stdin()
-            async for stream, data in proc:
-                out = sys.stdout.buffer if stream is Stream.STDOUT else sys.stderr.buffer
-                out.write(data)
-                out.flush()
-            status = await proc.wait()
-        finally:
-            for sig in handled:
-                loop.remove_signal_handler(sig)
-            if feeder is not None:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await feeder
-    return status.shell_code
+        return await follow_process(
+            proc,
+            write,
+            signals={sig: functools.partial(_request, proc, sig) for sig in _handled_signals(mode)},
+            feed=functools.partial(_feed_stdin, proc) if mode.forward else None,
+        )
 
 
-_background: set[asyncio.Task[None]] = set()
-
-
-def _later(coro: Coroutine[object, object, None]) -> None:
-    import asyncio
-
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
-
-def _resize_soon(proc: ExecProcess) -> None:
+def _request(proc: ExecProcess, sig: signal.Signals) -> Awaitable[None] | None:
+    """What a signal received here asks of the guest process (see :func:`_handled_signals`)."""
+    if sig != signal.SIGWINCH:
+        return proc.signal(int(sig), group=True)
     size = terminal_size()
-    if size is not None:
-        _later(_quietly(proc.resize(*size)))
-
-
-def _signal_soon(proc: ExecProcess, sig: signal.Signals) -> None:
-    _later(_quietly(proc.signal(int(sig), group=True)))
-
-
-async def _quietly(work: Awaitable[None]) -> None:
-    from virtcontainers.errors import AgentError
-
-    with contextlib.suppress(AgentError):
-        await work
+    return None if size is None else proc.resize(*size)
 
 
 async def _feed_stdin(proc: ExecProcess) -> None:

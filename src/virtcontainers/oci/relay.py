@@ -17,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import signal
 import socket
 import struct
 import termios
 import tty as tty_mod
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
+from virtcontainers.agent.attach import SignalRequest, follow_process
 from virtcontainers.agent.client import ExecProcess, Stream
 from virtcontainers.errors import AgentError, ContainerError
 
@@ -101,50 +103,23 @@ def _write_all(fd: int, data: bytes) -> None:
 async def relay(proc: ExecProcess, stdio: Stdio, *, stdin: bool = True) -> int:
     """Relay until the guest process exits; returns its shell-style exit code (128 + the
     signal when killed: what conmon reports for a runc container)."""
-    loop = asyncio.get_running_loop()
-    handled: list[int] = []
-    background: set[asyncio.Task[None]] = set()
-
-    def later(work: Coroutine[object, object, None]) -> None:
-        async def quietly() -> None:
-            with contextlib.suppress(AgentError):
-                await work
-
-        task = asyncio.ensure_future(quietly())
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    def forward(sig: int) -> None:
-        later(proc.signal(sig))
-
-    def resized() -> None:
-        size = stdio.size()
-        if size is not None:
-            later(proc.resize(*size))
-
-    for forwarded in FORWARDED_SIGNALS:
-        loop.add_signal_handler(forwarded, forward, int(forwarded))
-        handled.append(forwarded)
-    if stdio.tty:
-        loop.add_signal_handler(signal.SIGWINCH, resized)
-        handled.append(signal.SIGWINCH)
     in_fd = stdio.tty_fd if stdio.tty else 0
     out_fd = stdio.tty_fd if stdio.tty else 1
-    feeder = asyncio.create_task(_feed(proc, in_fd)) if stdin else None
-    if feeder is None:
-        await proc.close_stdin()
-    try:
-        async for stream, data in proc:
-            _write_all(out_fd if stream is Stream.STDOUT else 2, data)
-        status = await proc.wait()
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if feeder is not None:
-            feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await feeder
-    return status.shell_code
+
+    def write(stream: Stream, data: bytes) -> None:
+        _write_all(out_fd if stream is Stream.STDOUT else 2, data)
+
+    def resized() -> Awaitable[None] | None:
+        size = stdio.size()
+        return None if size is None else proc.resize(*size)
+
+    signals: dict[int, SignalRequest] = {
+        int(sig): functools.partial(proc.signal, int(sig)) for sig in FORWARDED_SIGNALS
+    }
+    if stdio.tty:
+        signals[signal.SIGWINCH] = resized
+    feed = functools.partial(_feed, proc, in_fd) if stdin else None
+    return await follow_process(proc, write, signals=signals, feed=feed)
 
 
 async def _feed(proc: ExecProcess, fd: int) -> None:
