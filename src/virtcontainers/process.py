@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from virtcontainers.errors import HypervisorTimeout
+from virtcontainers.fdwait import readable
 
 __all__ = ["VmmProcess", "process_matches", "vcpu_threads"]
 
@@ -126,20 +127,9 @@ class VmmProcess:
 
     async def _wait_pidfd(self) -> None:
         assert self._pidfd is not None
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(self._pidfd, readable)
-        try:
-            # A pidfd turns readable when the process exits; zombies of a dead parent are
-            # reaped by init soon after, which is all we need to know.
-            await done
-        finally:
-            loop.remove_reader(self._pidfd)
+        # A pidfd turns readable when the process exits; zombies of a dead parent are
+        # reaped by init soon after, which is all we need to know.
+        await readable(self._pidfd)
 
     async def _reap(self) -> None:
         if self._child is not None:

@@ -29,9 +29,7 @@ from typing import TYPE_CHECKING
 
 from virtcontainers.agent.protocol import CHUNK, FrameType
 
-if TYPE_CHECKING:  # asyncio and the async client only for `vc run` and the direct path
-    import asyncio
-
+if TYPE_CHECKING:  # the async client only for `vc run` and the direct path
     from virtcontainers.agent.client import ExecProcess
     from virtcontainers.agent.protocol import AgentRequestError
     from virtcontainers.sandbox import Sandbox
@@ -158,6 +156,8 @@ def _request(proc: ExecProcess, sig: signal.Signals) -> Awaitable[None] | None:
 async def _feed_stdin(proc: ExecProcess) -> None:
     import asyncio
 
+    from virtcontainers.fdwait import readable
+
     fd = 0
     if stat.S_ISREG(os.fstat(fd).st_mode):  # epoll refuses files, and their reads never block
         while chunk := await asyncio.to_thread(os.read, fd, 65536):
@@ -168,7 +168,7 @@ async def _feed_stdin(proc: ExecProcess) -> None:
     # process alive after the command exited, and no O_NONBLOCK on a terminal that stdout
     # may share.
     while True:
-        await _readable(fd)
+        await readable(fd)
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -177,24 +177,6 @@ async def _feed_stdin(proc: ExecProcess) -> None:
             break
         await proc.write_stdin(chunk)
     await proc.close_stdin()
-
-
-async def _readable(fd: int) -> None:
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def callback() -> None:
-        loop.remove_reader(fd)  # level-triggered: one wake-up per wait
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, callback)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 # -- the same over a blocking server connection (vc exec, vc attach) ------------------------

@@ -20,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+from virtcontainers.fdwait import readable
 from virtcontainers.network.attachment import Attachment
 from virtcontainers.network.spec import PortMapping, Protocol
 
@@ -108,18 +109,9 @@ async def _wait_pid(pid: int) -> None:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(pidfd, readable)
     try:
-        await done
+        await readable(pidfd)
     finally:
-        loop.remove_reader(pidfd)
         os.close(pidfd)
 
 

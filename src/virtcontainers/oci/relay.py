@@ -14,7 +14,6 @@ forwarded to the guest process.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import functools
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from virtcontainers.agent.attach import SignalRequest, follow_process
 from virtcontainers.agent.client import ExecProcess, Stream
 from virtcontainers.errors import AgentError, ContainerError
+from virtcontainers.fdwait import readable
 
 __all__ = ["FORWARDED_SIGNALS", "Stdio", "open_console", "relay"]
 
@@ -124,21 +124,15 @@ async def relay(proc: ExecProcess, stdio: Stdio, *, stdin: bool = True) -> int:
 
 async def _feed(proc: ExecProcess, fd: int) -> None:
     """Copy ``fd`` to the guest's stdin until EOF, then close it."""
-    loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     try:
         while True:
-            ready = loop.create_future()
             try:
-                loop.add_reader(fd, ready.set_result, None)
+                await readable(fd)
             except PermissionError:
                 # epoll refuses regular files and /dev/null; their reads do not block
                 chunk = os.read(fd, 65536)
             else:
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fd)
                 try:
                     chunk = os.read(fd, 65536)
                 except BlockingIOError:
