@@ -146,6 +146,12 @@ class Fault(Exception):
         self.status = status
 
 
+def _same_id(doc: dict[str, Any], key: str, ident: str) -> None:
+    """The body's id (``key``) must be the one in the request's path."""
+    if doc[key] != ident:
+        raise Fault("The id from the path does not match the id from the body!")
+
+
 def _check_body(body: object, kind: str) -> dict[str, Any]:
     """Firecracker's (serde) checks: an object, required fields, no unknown fields, types."""
     if not isinstance(body, dict):
@@ -380,44 +386,42 @@ class Vm:
     def _put_drive(self, ident: str, body: object) -> None:
         self._pre_boot()
         doc = _check_body(body, "Drive")
-        if doc["drive_id"] != ident:
-            raise Fault("The id from the path does not match the id from the body!")
+        _same_id(doc, "drive_id", ident)
         path = doc.get("path_on_host")
         if path is None:
             raise Fault("Unable to create the block device: missing path_on_host.")
-        if not os.path.exists(self.host(path)):
-            raise Fault(
-                "Unable to create the virtio block device: BackingFile(Os { code: 2, kind: "
-                f'NotFound, message: "No such file or directory" }}, "{path}")'
-            )
+        self._backing_file(path, "create the virtio")
         if doc["is_root_device"] and any(
             d["is_root_device"] for k, d in self.drives.items() if k != ident
         ):
             raise Fault("A root block device already exists!")
         self.drives[ident] = doc
 
+    def _backing_file(self, path: str, action: str) -> None:
+        """Firecracker's error when a drive's file does not exist (``action``: "create the
+        virtio" or "patch the", as its messages say)."""
+        if not os.path.exists(self.host(path)):
+            raise Fault(
+                f"Unable to {action} block device: BackingFile(Os {{ code: 2, kind: "
+                f'NotFound, message: "No such file or directory" }}, "{path}")'
+            )
+
     def _patch_drive(self, ident: str, body: object) -> None:
         self._post_boot()
         doc = _check_body(body, "PartialDrive")
-        if doc["drive_id"] != ident:
-            raise Fault("The id from the path does not match the id from the body!")
+        _same_id(doc, "drive_id", ident)
         if ident not in self.drives:
             raise Fault(f"Unable to patch the block device: drive {ident} not found.")
         path = doc.get("path_on_host")
         if path is not None:
-            if not os.path.exists(self.host(path)):
-                raise Fault(
-                    "Unable to patch the block device: BackingFile(Os { code: 2, kind: "
-                    f'NotFound, message: "No such file or directory" }}, "{path}")'
-                )
+            self._backing_file(path, "patch the")
             self.drives[ident] = {**self.drives[ident], "path_on_host": path}
             self.log("Info", f"Drive {ident} backing file updated to {path}")
 
     def _put_iface(self, ident: str, body: object) -> None:
         self._pre_boot()
         doc = _check_body(body, "NetworkInterface")
-        if doc["iface_id"] != ident:
-            raise Fault("The id from the path does not match the id from the body!")
+        _same_id(doc, "iface_id", ident)
         mac = doc.get("guest_mac")
         if mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", mac):
             raise Fault(f"Invalid MAC address: {mac}")
