@@ -1000,13 +1000,20 @@ static int write_all(int fd, const uint8_t *p, size_t n, uint64_t off)
     return 0;
 }
 
-static void do_write_file(uint32_t id, struct fields *f)
+/* WRITE_FILE and READ_FILE need a path, and a container root that is not broken; 1 when
+ * the request was refused (the error is sent). */
+static int file_request_refused(uint32_t id, struct fields *f, const char *op)
 {
     if (!f->path || !f->path[0]) {
-        send_error(id, E_BAD_PAYLOAD, 0, "write_file: path is missing");
-        return;
+        send_error(id, E_BAD_PAYLOAD, 0, "%s: path is missing", op);
+        return 1;
     }
-    if (rootfs_refuse(id))
+    return rootfs_refuse(id);
+}
+
+static void do_write_file(uint32_t id, struct fields *f)
+{
+    if (file_request_refused(id, f, "write_file"))
         return;
     mode_t mode = f->has_mode ? (mode_t)(f->mode & 07777) : 0644;
     /* Atomic by default: chunks go to "<path>.vc-part", the final chunk renames it. */
@@ -1071,11 +1078,7 @@ static void do_write_file(uint32_t id, struct fields *f)
 
 static void do_read_file(uint32_t id, struct fields *f)
 {
-    if (!f->path || !f->path[0]) {
-        send_error(id, E_BAD_PAYLOAD, 0, "read_file: path is missing");
-        return;
-    }
-    if (rootfs_refuse(id))
+    if (file_request_refused(id, f, "read_file"))
         return;
     uint32_t want = f->length ? f->length : CHUNK;
     if (want > MAX_PAYLOAD - 64)
