@@ -21,11 +21,36 @@ from pathlib import Path
 from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.telemetry.tracing import operation
 
-__all__ = ["ConsoleWatcher"]
+__all__ = ["ConsoleWatcher", "LineLog"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 65536
+
+
+class LineLog:
+    """A byte stream's lines, one debug record each, to ``logger``; a line cut across two
+    reads waits for its end (or for :meth:`flush`). ``lines`` counts the records."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.lines = 0
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            self._emit(line)
+
+    def flush(self) -> None:
+        """Log the unfinished last line, if any (the stream has ended)."""
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+
+    def _emit(self, line: bytes) -> None:
+        self.lines += 1
+        self.logger.debug("%s", line.rstrip(b"\r").decode(errors="replace"))
 
 
 class ConsoleWatcher:
@@ -34,11 +59,9 @@ class ConsoleWatcher:
     def __init__(self, socket_path: Path, log_path: Path, logger: logging.Logger) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
-        self._logger = logger
+        self._log = LineLog(logger)
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._partial = b""
-        self.lines = 0
         #: Bytes of console output lost since the log last could be written (a full disk).
         self.dropped = 0
 
@@ -73,13 +96,11 @@ class ConsoleWatcher:
         try:
             while chunk := await reader.read(_CHUNK):
                 self._append(fd, chunk)
-                self._log_lines(chunk)
+                self._log.feed(chunk)
         except (ConnectionError, OSError) as exc:
-            self._logger.debug("console read ended: %s", exc)
+            self._log.logger.debug("console read ended: %s", exc)
         finally:
-            if self._partial:
-                self._emit(self._partial)
-                self._partial = b""
+            self._log.flush()
             os.close(fd)
 
     def _append(self, fd: int, chunk: bytes) -> None:
@@ -101,15 +122,10 @@ class ConsoleWatcher:
                         self.log_path, self.dropped)  # fmt: skip
             self.dropped = 0
 
-    def _log_lines(self, chunk: bytes) -> None:
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        for line in lines:
-            self._emit(line)
-
-    def _emit(self, line: bytes) -> None:
-        self.lines += 1
-        self._logger.debug("%s", line.rstrip(b"\r").decode(errors="replace"))
+    @property
+    def lines(self) -> int:
+        """The console lines read so far."""
+        return self._log.lines
 
     @property
     def connected(self) -> bool:

@@ -16,6 +16,8 @@ import logging
 import os
 from pathlib import Path
 
+from virtcontainers.console import LineLog
+
 __all__ = ["FifoReader"]
 
 _CHUNK = 65536
@@ -27,11 +29,10 @@ class FifoReader:
     def __init__(self, fifo: Path, log_path: Path, logger: logging.Logger) -> None:
         self.fifo = fifo
         self.log_path = log_path
-        self._logger = logger
+        self._log = LineLog(logger)
         self._fd: int | None = None
         self._out: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._partial = b""
         self.bytes_read = 0
 
     def open(self) -> None:
@@ -54,23 +55,19 @@ class FifoReader:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._logger.debug("reading %s failed: %s", self.fifo, exc)
+                self._log.logger.debug("reading %s failed: %s", self.fifo, exc)
                 return
             if not chunk:
                 return
             self.bytes_read += len(chunk)
             os.write(self._out, chunk)
-            *lines, self._partial = (self._partial + chunk).split(b"\n")
-            for line in lines:
-                self._logger.debug("%s", line.decode(errors="replace"))
+            self._log.feed(chunk)
 
     def close(self) -> None:
         """Read what is left, stop, and remove the FIFO. Idempotent."""
         if self._fd is not None:
             self._drain()
-            if self._partial:
-                self._logger.debug("%s", self._partial.decode(errors="replace"))
-                self._partial = b""
+            self._log.flush()
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._fd)
             os.close(self._fd)
