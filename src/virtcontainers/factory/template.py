@@ -23,6 +23,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from virtcontainers.agent import AgentClient
@@ -101,6 +102,7 @@ def _fs_type(path: Path) -> str:
     return fstype
 
 
+@dataclass(eq=False)
 class Template:
     """A booted-then-saved QEMU VM that clones restore from.
 
@@ -109,21 +111,15 @@ class Template:
     clone will be made any more (running clones keep their mapping of the deleted file).
     """
 
-    def __init__(
-        self,
-        config: HypervisorConfig,
-        path: Path,
-        *,
-        owns_path: bool,
-        image: StoredImage | None = None,
-    ) -> None:
-        self.config = config
-        self.path = path
-        self._owns_path = owns_path
-        #: The OCI image the template (and so every clone) runs in; its read-only disk is
-        #: the same file for all of them, and each clone's writable layer starts as a
-        #: private copy of the template's (it lives in guest RAM).
-        self.image = image
+    config: HypervisorConfig
+    path: Path
+    _: KW_ONLY
+    #: The template made ``path`` (so :meth:`remove` deletes the directory, not only its files).
+    owns_path: bool
+    #: The OCI image the template (and so every clone) runs in; its read-only disk is
+    #: the same file for all of them, and each clone's writable layer starts as a
+    #: private copy of the template's (it lives in guest RAM).
+    image: StoredImage | None = None
 
     @property
     def memory_path(self) -> Path:
@@ -266,7 +262,7 @@ class Template:
 
     def remove(self) -> None:
         """Delete the template's files (and its directory when it made it). Idempotent."""
-        if self._owns_path:
+        if self.owns_path:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         for file in (self.memory_path, self.state_path):
