@@ -28,6 +28,7 @@ from virtcontainers.drivers._runpaths import InRunDir, RunPaths
 from virtcontainers.errors import ConfigError
 
 __all__ = [
+    "blk_argv",
     "net_argv",
     "AGENT_PORT_NAME",
     "BRIDGE_SLOTS",
@@ -259,14 +260,24 @@ def build_argv(
             "-device", "nvdimm,id=nv0,memdev=mem0,unarmed=on",
         ]  # fmt: skip
     else:
-        argv += [
-            "-drive", f"id=image,file={opt(image)},format=raw,if=none,readonly=on",
-            "-device", f"virtio-blk-{virtio},drive=image",
-        ]  # fmt: skip
+        argv += blk_argv("image", image, virtio, read_only=True)
     params = kernel_params(cfg, console, use_nvdimm, agent_vsock=vsock is not None)
     argv += ["-append", " ".join(params)]
     argv += serialize_params(cfg.boot.hypervisor_params, "")
     return argv
+
+
+def blk_argv(
+    node: str, file: str, virtio: str, *, fmt: str = "raw", read_only: bool, device_id: str = ""
+) -> list[str]:
+    """``-drive`` (no interface of its own) on ``file`` as block node ``node``, and the
+    virtio-blk front-end that shows it to the guest (with ``device_id``, its ``id``)."""
+    ro = ",readonly=on" if read_only else ""
+    dev_id = f",id={opt(device_id)}" if device_id else ""
+    return [
+        "-drive", f"id={opt(node)},file={opt(file)},format={opt(fmt)},if=none{ro}",
+        "-device", f"virtio-blk-{virtio},drive={opt(node)}{dev_id}",
+    ]  # fmt: skip
 
 
 def net_argv(dev: NetDevice | UserNetDevice, virtio: str) -> list[str]:

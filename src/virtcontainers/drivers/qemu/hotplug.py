@@ -34,7 +34,13 @@ from virtcontainers.devices import (
     VSock,
 )
 from virtcontainers.drivers._resize import cpu_add_amount
-from virtcontainers.drivers.qemu.argv import BRIDGE_SLOTS, DEFAULT_MEM_SLOTS, net_argv, opt
+from virtcontainers.drivers.qemu.argv import (
+    BRIDGE_SLOTS,
+    DEFAULT_MEM_SLOTS,
+    blk_argv,
+    net_argv,
+    opt,
+)
 from virtcontainers.drivers.qemu.qmp import Qmp, as_dict, as_list
 from virtcontainers.errors import HypervisorError, HypervisorTimeout, UnsupportedError
 from virtcontainers.persist.hypervisor_state import Bridge, HypervisorState
@@ -103,17 +109,12 @@ def cold_plug_argv(devices: list[ColdPlugDevice], machine: str) -> list[str]:
     for dev in devices:
         match dev:
             case BlockDrive():
-                ro = ",readonly=on" if dev.read_only else ""
-                i, file, fmt = opt(dev.id), opt(dev.file), opt(dev.format)
-                argv += [
-                    "-drive", f"id=drive-{i},file={file},format={fmt},if=none{ro}",
-                    "-device", f"virtio-blk-{virtio},drive=drive-{i},id={i}",
-                ]  # fmt: skip
+                argv += blk_argv(
+                    f"drive-{dev.id}", dev.file, virtio, fmt=dev.format,
+                    read_only=dev.read_only, device_id=dev.id,
+                )  # fmt: skip
             case ImageDevice():
-                argv += [
-                    "-drive", f"id=image-extra,file={opt(dev.path)},format=raw,if=none,readonly=on",
-                    "-device", f"virtio-blk-{virtio},drive=image-extra",
-                ]  # fmt: skip
+                argv += blk_argv("image-extra", dev.path, virtio, read_only=True)
             case FsShare():
                 ro = ",readonly=on" if dev.read_only else ""
                 tag, path = opt(dev.mount_tag), opt(dev.host_path)
