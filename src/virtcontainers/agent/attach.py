@@ -4,25 +4,28 @@ comes, its stdin fed, host signals turned into requests, until it exits.
 One loop for both front ends that attach a local terminal or stdio to an
 :class:`~virtcontainers.agent.client.ExecProcess`: ``vc run`` / ``vc exec`` on the direct
 path (``cli/streams.py``) and the OCI runtime's relay (``oci/relay.py``). What differs
-between them (where output goes, what feeds stdin, which signals become which request) is
-passed in.
+between them (where output goes, which fd feeds stdin, which signals become which request)
+is passed in; :func:`feed` is the stdin copier both use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 
 from virtcontainers.agent.client import ExecProcess, Stream
 from virtcontainers.errors import AgentError
+from virtcontainers.fdwait import readable
 
-__all__ = ["SignalRequest", "follow_process"]
+__all__ = ["SignalRequest", "feed", "follow_process"]
 
 #: A signal's request to the guest (a resize, a signal), or None when there is none to make.
 SignalRequest = Callable[[], Awaitable[None] | None]
 
 _background: set[asyncio.Task[None]] = set()
+_READ_SIZE = 65536
 
 
 async def follow_process(
@@ -63,6 +66,36 @@ async def follow_process(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder
     return status.shell_code
+
+
+async def feed(proc: ExecProcess, fd: int) -> None:
+    """Copy ``fd`` to ``proc``'s stdin until its end, then close that stdin.
+
+    Waits for readability, then reads: no thread blocked in read() (it would keep this
+    process alive after the guest process exited), and no O_NONBLOCK (it would also apply to
+    a terminal that stdout shares). Regular files and /dev/null, which epoll refuses, are
+    read straight: their reads do not block.
+
+    Raises:
+        AgentError: the connection to the agent failed.
+    """
+    pollable = True
+    while True:
+        if pollable:
+            try:
+                await readable(fd)
+            except PermissionError:
+                pollable = False
+        try:
+            chunk = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            continue
+        except OSError:  # EIO: the other side of a pty closed
+            chunk = b""
+        if not chunk:
+            break
+        await proc.write_stdin(chunk)
+    await proc.close_stdin()
 
 
 def _send_soon(request: SignalRequest) -> None:

@@ -19,7 +19,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 import termios
 import tty as tty_mod
@@ -128,7 +127,7 @@ def _handled_signals(mode: _Mode) -> tuple[signal.Signals, ...]:
 
 async def follow(proc: ExecProcess, *, tty: bool, interactive: bool) -> int:
     """Stream a started (or attached) process to our terminal until it exits."""
-    from virtcontainers.agent.attach import follow_process
+    from virtcontainers.agent.attach import feed, follow_process
     from virtcontainers.agent.client import Stream
 
     def write(stream: Stream, data: bytes) -> None:
@@ -141,7 +140,7 @@ async def follow(proc: ExecProcess, *, tty: bool, interactive: bool) -> int:
             proc,
             write,
             signals={sig: functools.partial(_request, proc, sig) for sig in _handled_signals(mode)},
-            feed=functools.partial(_feed_stdin, proc) if mode.forward else None,
+            feed=functools.partial(feed, proc, 0) if mode.forward else None,
         )
 
 
@@ -151,32 +150,6 @@ def _request(proc: ExecProcess, sig: signal.Signals) -> Awaitable[None] | None:
         return proc.signal(int(sig), group=True)
     size = terminal_size()
     return None if size is None else proc.resize(*size)
-
-
-async def _feed_stdin(proc: ExecProcess) -> None:
-    import asyncio
-
-    from virtcontainers.fdwait import readable
-
-    fd = 0
-    if stat.S_ISREG(os.fstat(fd).st_mode):  # epoll refuses files, and their reads never block
-        while chunk := await asyncio.to_thread(os.read, fd, 65536):
-            await proc.write_stdin(chunk)
-        await proc.close_stdin()
-        return
-    # Wait for readability, then read: not a thread blocked in read(), which would keep the
-    # process alive after the command exited, and no O_NONBLOCK on a terminal that stdout
-    # may share.
-    while True:
-        await readable(fd)
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            break
-        await proc.write_stdin(chunk)
-    await proc.close_stdin()
 
 
 # -- the same over a blocking server connection (vc exec, vc attach) ------------------------

@@ -26,10 +26,9 @@ import tty as tty_mod
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from virtcontainers.agent.attach import SignalRequest, follow_process
+from virtcontainers.agent.attach import SignalRequest, feed, follow_process
 from virtcontainers.agent.client import ExecProcess, Stream
-from virtcontainers.errors import AgentError, ContainerError
-from virtcontainers.fdwait import readable
+from virtcontainers.errors import ContainerError
 
 __all__ = ["FORWARDED_SIGNALS", "Stdio", "open_console", "relay"]
 
@@ -118,30 +117,5 @@ async def relay(proc: ExecProcess, stdio: Stdio, *, stdin: bool = True) -> int:
     }
     if stdio.tty:
         signals[signal.SIGWINCH] = resized
-    feed = functools.partial(_feed, proc, in_fd) if stdin else None
-    return await follow_process(proc, write, signals=signals, feed=feed)
-
-
-async def _feed(proc: ExecProcess, fd: int) -> None:
-    """Copy ``fd`` to the guest's stdin until EOF, then close it."""
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            try:
-                await readable(fd)
-            except PermissionError:
-                # epoll refuses regular files and /dev/null; their reads do not block
-                chunk = os.read(fd, 65536)
-            else:
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                except OSError:  # EIO: the pty's other side closed
-                    chunk = b""
-            if not chunk:
-                break
-            await proc.write_stdin(chunk)
-        await proc.close_stdin()
-    except AgentError:
-        return
+    feed_stdin = functools.partial(feed, proc, in_fd) if stdin else None
+    return await follow_process(proc, write, signals=signals, feed=feed_stdin)
