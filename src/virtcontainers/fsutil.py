@@ -1,6 +1,7 @@
 """Private files written atomically and guarded by ``flock(2)``.
 
-One place for what the state store, the ACRN UUID pool and the KVM verdict cache each need:
+One place for what the state store, the ACRN UUID pool, the KVM verdict cache, the image
+store and the tap network lock each need:
 
 * :func:`atomic_write`: temp file in the target's directory, ``fchmod`` 0600, write all,
   ``fsync``, ``rename`` over the target, ``fsync`` the directory. A reader sees the old

@@ -21,7 +21,6 @@ A VM that already opened a removed disk keeps working (the file lives on until c
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -31,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtcontainers import fsutil
 from virtcontainers.errors import ConfigError, ImageNotFoundError, StoreError
 from virtcontainers.guest.image import default_cache_dir
 from virtcontainers.images.config import ImageConfig
@@ -110,12 +110,8 @@ class ImageStore:
     def locked(self) -> Iterator[None]:
         """Hold the store's lock (refs.json and images/ change only under it)."""
         self._ensure()
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with fsutil.locked(self.root / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     def staging(self) -> Path:
         """A fresh private directory for one pull; the caller removes it when done."""

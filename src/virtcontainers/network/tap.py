@@ -20,7 +20,6 @@ both veth ends and the netns's table; the host route and table are removed expli
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -32,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtcontainers import fsutil
 from virtcontainers.command import run_captured
 from virtcontainers.errors import ConfigError, NetworkError
 from virtcontainers.network import nft
@@ -209,12 +209,8 @@ def allocate(spec: NetworkSpec, run_dir: str) -> TapNetwork:
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
     LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with fsutil.locked(LOCK_PATH):
         yield
-    finally:
-        os.close(fd)
 
 
 def require_tools() -> None:
