@@ -3,6 +3,7 @@
 - :mod:`.protocol`: frame and TLV codec (pure, no I/O)
 - :mod:`.transport`: unix socket / hybrid vsock / vsock connectors
 - :mod:`.client`: :class:`AgentClient`, the asyncio client
+- :mod:`.attach`: following an exec attached to a terminal or stdio (the CLI, the OCI relay)
 
 The names below are imported on first use (PEP 562), so that importing the codec
 (``virtcontainers.agent.protocol``, as the CLI's blocking server client does) does not
