@@ -49,7 +49,7 @@ from virtcontainers.errors import AgentError, HypervisorError, LaunchError, Stat
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
 from virtcontainers.images.pull import ensure_image
-from virtcontainers.images.sandbox_image import SandboxImage
+from virtcontainers.images.sandbox_image import SandboxImage, exec_defaults
 from virtcontainers.images.store import ImageStore, StoredImage
 from virtcontainers.listing import SandboxInfo, _info, list_sandboxes
 from virtcontainers.network import Attachment, NetworkSpec
@@ -540,7 +540,7 @@ class Sandbox:
                 gone). AgentError: the agent is unreachable or refused (e.g. no such program).
             ConfigError: ``user`` is not in the image's /etc/passwd or /etc/group.
         """
-        env, cwd, uid, gid = self._exec_defaults(env, cwd, uid, gid, user)
+        env, cwd, uid, gid = exec_defaults(self._image, env, cwd, uid, gid, user)
         agent = await self._connect_agent()
         return await agent.exec(
             list(argv), env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
@@ -572,7 +572,7 @@ class Sandbox:
             AgentError: the agent is unreachable or refused. StateError: the sandbox is not
                 running (see :meth:`exec`), or ``detach`` without a sandbox server.
         """
-        env, cwd, uid, gid = self._exec_defaults(env, cwd, uid, gid, user)
+        env, cwd, uid, gid = exec_defaults(self._image, env, cwd, uid, gid, user)
         agent = await self._connect_agent()
         extra: list[tuple[int, bytes]] = []
         if detach:
@@ -586,22 +586,6 @@ class Sandbox:
             list(argv), env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout,
             tty_size=tty_size, extra_items=extra,
         )  # fmt: skip
-
-    def _exec_defaults(
-        self,
-        env: Mapping[str, str] | None,
-        cwd: str | None,
-        uid: int | None,
-        gid: int | None,
-        user: str | None,
-    ) -> tuple[Mapping[str, str] | None, str | None, int | None, int | None]:
-        if self._image is not None:
-            return self._image.exec_defaults(env, cwd, uid, gid, user)
-        if user is not None:
-            # The busybox guest knows only root by name; numbers work as they are.
-            u, g = SandboxImage.numeric_user(user)
-            uid, gid = (u if uid is None else uid), (g if gid is None else gid)
-        return env, cwd, uid, gid
 
     @traced("sandbox.write_file", _file)
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:

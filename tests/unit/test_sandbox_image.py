@@ -12,7 +12,7 @@ from virtcontainers.config import HypervisorConfig, Param
 from virtcontainers.devices import BlockDrive
 from virtcontainers.errors import ConfigError
 from virtcontainers.images import ImageConfig
-from virtcontainers.images.sandbox_image import IMAGE_DRIVE_ID, SandboxImage
+from virtcontainers.images.sandbox_image import IMAGE_DRIVE_ID, SandboxImage, exec_defaults
 from virtcontainers.lifecycle import VmState
 from virtcontainers.persist import HypervisorState, SandboxDocument
 
@@ -43,11 +43,11 @@ def test_the_image_disk_is_a_read_only_drive_and_the_kernel_is_told(tmp_path: Pa
 
 
 def test_exec_defaults_come_from_the_image_and_give_way_to_the_caller() -> None:
-    env, cwd, uid, gid = IMAGE.exec_defaults(None, None, None, None, None)
+    env, cwd, uid, gid = exec_defaults(IMAGE, None, None, None, None, None)
     assert (env["A"], env["HOME"], cwd, uid, gid) == ("image", "/home/app", "/work", 1000, 1001)
-    env, cwd, uid, gid = IMAGE.exec_defaults({"A": "mine"}, "/tmp", None, None, "root")
+    env, cwd, uid, gid = exec_defaults(IMAGE, {"A": "mine"}, "/tmp", None, None, "root")
     assert (env["A"], env["PATH"], cwd, uid, gid) == ("mine", "/bin", "/tmp", 0, 0)
-    assert IMAGE.exec_defaults(None, None, 7, 8, None)[2:] == (7, 8)
+    assert exec_defaults(IMAGE, None, None, 7, 8, None)[2:] == (7, 8)
 
 
 def test_the_sandbox_image_survives_the_document_round_trip() -> None:
@@ -69,6 +69,15 @@ def test_a_busybox_guest_knows_only_numeric_users_and_root() -> None:
     assert SandboxImage.numeric_user("1000:5") == (1000, 5)
     with pytest.raises(ConfigError):
         SandboxImage.numeric_user("app")
+
+
+def test_exec_defaults_without_an_image_keep_the_caller_and_know_numeric_users() -> None:
+    assert exec_defaults(None, None, None, None, None, None) == (None, None, None, None)
+    given = exec_defaults(None, {"A": "b"}, "/w", None, None, "1000:5")
+    assert given == ({"A": "b"}, "/w", 1000, 5)
+    assert exec_defaults(None, None, None, 7, None, "root") == (None, None, 7, 0)
+    with pytest.raises(ConfigError, match="app"):
+        exec_defaults(None, None, None, None, None, "app")
 
 
 @pytest.mark.parametrize(

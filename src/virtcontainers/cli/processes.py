@@ -102,10 +102,10 @@ def _exec_process(
 
     doc = StateStore().load(sandbox_id)
     if doc.image is not None:
-        from virtcontainers.images.sandbox_image import SandboxImage
+        from virtcontainers.images.sandbox_image import SandboxImage, exec_defaults
 
         image = SandboxImage.from_record(doc.image)
-        full, cwd, uid, gid = image.exec_defaults(env, workdir, None, None, user)
+        full, cwd, uid, gid = exec_defaults(image, env, workdir, None, None, user)
         return _ExecHow(full, cwd, uid, gid)
     ids: tuple[int | None, int | None] = (None, None)
     if user is not None:

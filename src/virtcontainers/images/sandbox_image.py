@@ -27,7 +27,7 @@ from virtcontainers.images.rootdisk import make_scratch_disk
 from virtcontainers.images.store import StoredImage
 from virtcontainers.persist.records import ImageRecord
 
-__all__ = ["IMAGE_DRIVE_ID", "SCRATCH_DRIVE_ID", "SandboxImage"]
+__all__ = ["IMAGE_DRIVE_ID", "SCRATCH_DRIVE_ID", "SandboxImage", "exec_defaults"]
 
 IMAGE_DRIVE_ID = "vc-image"
 SCRATCH_DRIVE_ID = "vc-scratch"
@@ -94,24 +94,6 @@ class SandboxImage(ImageRecord, frozen=True):
             passwd=self.passwd, group=self.group,
         )  # fmt: skip
 
-    def exec_defaults(
-        self,
-        env: Mapping[str, str] | None,
-        cwd: str | None,
-        uid: int | None,
-        gid: int | None,
-        user: str | None,
-    ) -> tuple[dict[str, str], str, int, int]:
-        """``docker exec``'s defaults: the image's Env under ``env``, its WorkingDir unless
-        ``cwd``, its User unless ``user`` or ``uid``/``gid`` (no Entrypoint for an exec)."""
-        spec = self.process(["-"], env=env, workdir=cwd, user=user)
-        return (
-            spec.env,
-            spec.cwd,
-            spec.uid if uid is None else uid,
-            (spec.gid if gid is None else gid),
-        )
-
     def resolve_user(self, user: str) -> tuple[int, int]:
         return resolve_user(user, self.passwd, self.group)
 
@@ -128,3 +110,34 @@ class SandboxImage(ImageRecord, frozen=True):
     def from_record(cls, record: ImageRecord) -> SandboxImage:
         """The image a sandbox record names."""
         return record if isinstance(record, SandboxImage) else cls(**msgspec.structs.asdict(record))
+
+
+def exec_defaults(
+    image: SandboxImage | None,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    uid: int | None,
+    gid: int | None,
+    user: str | None,
+) -> tuple[dict[str, str] | None, str | None, int | None, int | None]:
+    """``docker exec``'s defaults in a sandbox. With its ``image``: the image's Env under
+    ``env``, its WorkingDir unless ``cwd``, its User unless ``user`` or ``uid``/``gid`` (no
+    Entrypoint for an exec). Without one (the busybox guest): ``env`` and ``cwd`` as given
+    (``None``: the agent's own), ``user`` a number or root, the one name that guest knows.
+
+    Raises:
+        ConfigError: ``user`` is not in the image's /etc/passwd or /etc/group (without an
+            image: a name other than root).
+    """
+    ids: tuple[int | None, int | None] = (None, None)
+    if image is not None:
+        spec = image.process(["-"], env=env, workdir=cwd, user=user)
+        env, cwd, ids = spec.env, spec.cwd, (spec.uid, spec.gid)
+    elif user is not None:
+        ids = SandboxImage.numeric_user(user)
+    return (
+        None if env is None else dict(env),
+        cwd,
+        ids[0] if uid is None else uid,
+        ids[1] if gid is None else gid,
+    )
