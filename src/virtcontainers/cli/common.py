@@ -1,15 +1,20 @@
 """What the process commands share with the rest (`vc exec`, `vc ps` import only this and
-click, not :mod:`.options`): the sandbox id argument, --json, docker's -e/-w/-u."""
+click, not :mod:`.options`): the sandbox id argument, --json, docker's -e/-w/-u (their
+values are :mod:`.execution`'s, re-exported here)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import click
 
-from virtcontainers.errors import ConfigError
+from virtcontainers.cli.execution import GUEST_PATH, env_items, plain_env
+
+__all__ = [
+    "GUEST_PATH", "compose", "env_items", "json_option", "plain_env", "process_options",
+    "sandbox_id_argument",
+]  # fmt: skip
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -42,32 +47,3 @@ process_options = compose(
         "--user", "-u", help="name, uid, name:group or uid:gid (the image's /etc/passwd)."
     ),
 )
-
-
-def env_items(items: Sequence[str]) -> dict[str, str] | None:
-    """``-e`` items as a mapping; a bare ``K`` takes our own ``$K`` (skipped when unset).
-
-    Raises:
-        ConfigError: an item with an empty name.
-    """
-    if not items:
-        return None
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not key:
-            raise ConfigError(f"--env {item!r}: the variable name is empty", field="--env")
-        if sep:
-            out[key] = value
-        elif key in os.environ:
-            out[key] = os.environ[key]
-    return out
-
-
-#: The busybox guest's PATH (its init exports it), under ``-e`` items without an image.
-GUEST_PATH = "/sbin:/bin:/usr/sbin:/usr/bin"
-
-
-def plain_env(env: dict[str, str] | None) -> dict[str, str] | None:
-    """``-e`` for a sandbox without an image: added to the guest's PATH, not replacing it."""
-    return {"PATH": GUEST_PATH, **env} if env else None

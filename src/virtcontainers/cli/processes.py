@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from virtcontainers.cli import common
+from virtcontainers.cli import common, execution
 from virtcontainers.cli.common import json_option, sandbox_id_argument
 from virtcontainers.errors import ConfigError
 
@@ -54,96 +54,11 @@ def exec_(
       vc exec -it 3f2a9c sh
     """
 
-    from virtcontainers.cli.streams import claim_stdin
-
-    claim_stdin()
-    argv = list(command[1:] if command[:1] == ("--",) else command)
-    how = _exec_process(sandbox_id, common.env_items(env), workdir, user)
-
-    connection = _connect(sandbox_id)
-    if connection is None:  # no server (it died): reattach directly
-        import asyncio
-
-        sys.exit(asyncio.run(_direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
-                                          detach=detach, how=how)))  # fmt: skip
-    from virtcontainers.agent.protocol import AgentRequestError
-    from virtcontainers.cli.streams import exec_failed, follow_blocking, terminal_size
-
-    with closing(connection):
-        try:
-            proc = connection.start_exec(
-                argv, env=how.env, cwd=how.cwd, uid=how.uid, gid=how.gid, tty=tty,
-                tty_size=terminal_size() if tty else None, keep=detach,
-                no_stdin=detach and not interactive,
-            )  # fmt: skip
-        except AgentRequestError as exc:
-            sys.exit(exec_failed(exc))
-        if detach:
-            print(proc.pid)
-            sys.exit(0)
-        sys.exit(follow_blocking(proc, tty=tty, interactive=interactive))
-
-
-class _ExecHow:
-    """The environment, working directory and ids an exec gets (image defaults applied)."""
-
-    def __init__(
-        self, env: dict[str, str] | None, cwd: str | None, uid: int | None, gid: int | None
-    ) -> None:
-        self.env, self.cwd, self.uid, self.gid = env, cwd, uid, gid
-
-
-def _exec_process(
-    sandbox_id: str, env: dict[str, str] | None, workdir: str | None, user: str | None
-) -> _ExecHow:
-    """``-e/-w/-u`` over the sandbox's image config (read from its record, so the server
-    path needs no sandbox layer); without an image ``-e`` adds to the guest's PATH."""
-    from virtcontainers.persist.store import StateStore
-
-    doc = StateStore().load(sandbox_id)
-    if doc.image is not None:
-        from virtcontainers.images.sandbox_image import SandboxImage, exec_defaults
-
-        image = SandboxImage.from_record(doc.image)
-        full, cwd, uid, gid = exec_defaults(image, env, workdir, None, None, user)
-        return _ExecHow(full, cwd, uid, gid)
-    ids: tuple[int | None, int | None] = (None, None)
-    if user is not None:
-        from virtcontainers.images.sandbox_image import SandboxImage
-
-        ids = SandboxImage.numeric_user(user)
-    return _ExecHow(common.plain_env(env), workdir, *ids)
-
-
-async def _direct_exec(
-    sandbox_id: str, argv: list[str], *, tty: bool, interactive: bool, detach: bool, how: _ExecHow
-) -> int:
-    from virtcontainers.cli.streams import stream_exec
-    from virtcontainers.sandbox import Sandbox
-
-    sandbox = await Sandbox.attach(sandbox_id)
-    try:
-        if detach:
-            await sandbox.exec_stream(argv, detach=True)  # raises: needs a server
-        return await stream_exec(
-            sandbox, argv, tty=tty, interactive=interactive, env=how.env, cwd=how.cwd,
-            uid=how.uid, gid=how.gid,
-        )  # fmt: skip
-    finally:
-        await sandbox.close()
-
-
-def _connect(sandbox_id: str) -> ServerConnection | None:
-    """A connection to the sandbox's server, found without loading the sandbox layer;
-    ``None`` when none answers."""
-    from virtcontainers.errors import AgentError
-    from virtcontainers.persist.store import StateStore
-    from virtcontainers.server.sync_client import ServerConnection
-
-    try:
-        return ServerConnection.connect(StateStore().sandbox_dir(sandbox_id))
-    except AgentError:
-        return None
+    execution.run_exec(
+        sandbox_id, list(command[1:] if command[:1] == ("--",) else command), tty=tty,
+        interactive=interactive, detach=detach, env=execution.env_items(env), workdir=workdir,
+        user=user,
+    )  # fmt: skip
 
 
 def _require_server(sandbox_id: str) -> ServerConnection:
@@ -153,7 +68,7 @@ def _require_server(sandbox_id: str) -> ServerConnection:
         StoreError: no such sandbox.
         StateError: it has no server (not running, or run in a library process).
     """
-    connection = _connect(sandbox_id)
+    connection = execution.connect(sandbox_id)
     if connection is None:
         import asyncio
 

@@ -88,9 +88,9 @@ def exec_failed(exc: AgentRequestError) -> int:
 
     if exc.code != ErrorCode.EXEC:
         raise exc
-    import click
+    from virtcontainers.cli.report import print_error
 
-    click.echo(f"{click.style('error:', fg='red', bold=True)} {exc.message}", err=True)
+    print_error(exc.message)
     return 127 if exc.errno == errno.ENOENT and exc.message.startswith("execve") else 126
 
 

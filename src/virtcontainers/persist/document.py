@@ -29,6 +29,7 @@ import msgspec
 from virtcontainers.errors import StoreError
 from virtcontainers.lifecycle import VmState
 from virtcontainers.persist.hypervisor_state import HypervisorState
+from virtcontainers.persist.layout import ID_PATTERN
 from virtcontainers.persist.records import (
     AgentChannel,
     DeviceRecord,
@@ -43,8 +44,6 @@ __all__ = ["SCHEMA_VERSION", "SandboxDocument"]
 #: Version of the :class:`SandboxDocument` layout this code writes and the newest it reads.
 SCHEMA_VERSION: Final = 2
 
-ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
-ID_RULE: Final = "1-64 characters from [A-Za-z0-9_.-], the first a letter or digit"
 
 _SandboxId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 

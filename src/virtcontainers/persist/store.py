@@ -33,7 +33,6 @@ import builtins
 import contextlib
 import errno
 import os
-import re
 import shutil
 import stat
 import threading
@@ -45,65 +44,33 @@ from typing import Final
 
 from virtcontainers.errors import StoreError
 from virtcontainers.fsutil import atomic_write, flock, mkdir_private, open_private
-from virtcontainers.persist.document import ID_PATTERN, ID_RULE, SCHEMA_VERSION, SandboxDocument
+from virtcontainers.persist.document import SCHEMA_VERSION, SandboxDocument
+from virtcontainers.persist.layout import (
+    ROOT_ENV,
+    SANDBOXES_DIR,
+    default_root,
+    is_sandbox_id,
+    sandbox_dir,
+    validate_sandbox_id,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
     "SandboxDocument",
     "StateStore",
+    "ROOT_ENV",
     "default_root",
     "validate_sandbox_id",
 ]
 
-#: Environment variable that overrides the store's root directory.
-ROOT_ENV: Final = "VC_RUN_ROOT"
 STATE_FILE: Final = "state.json"
 LOCK_FILE: Final = ".lock"
-SANDBOXES_DIR: Final = "sandboxes"
 
 _DIR_MODE: Final = 0o700
 _FILE_MODE: Final = 0o600
 _TMP_PREFIX: Final = ".state."
 _TMP_SUFFIX: Final = ".tmp"
-_ID_RE: Final = re.compile(ID_PATTERN)
 _OPEN_FLAGS: Final = os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-def validate_sandbox_id(sandbox_id: object) -> str:
-    """Return ``sandbox_id`` if it is safe to use as a directory name.
-
-    Raises:
-        StoreError: it is not a string of 1-64 characters from ``[A-Za-z0-9_.-]`` starting
-            with a letter or digit (so never ``..``, never a ``/``).
-    """
-    if not isinstance(sandbox_id, str) or _ID_RE.fullmatch(sandbox_id) is None:
-        raise StoreError(f"invalid sandbox id {sandbox_id!r}: must be {ID_RULE}")
-    return sandbox_id
-
-
-def default_root() -> Path:
-    """The store root for this process.
-
-    ``$VC_RUN_ROOT`` if set; else ``/run/virtcontainers`` as root; else
-    ``$XDG_RUNTIME_DIR/virtcontainers``; else ``/tmp/virtcontainers-<uid>``. A relative
-    ``$XDG_RUNTIME_DIR`` is ignored, as the XDG base directory spec requires.
-
-    Raises:
-        StoreError: ``$VC_RUN_ROOT`` is set but not an absolute path (a root that depends on the
-            current directory would hide sandboxes from other processes).
-    """
-    override = os.environ.get(ROOT_ENV)
-    if override:
-        if not os.path.isabs(override):
-            raise StoreError(f"{ROOT_ENV}={override!r} must be an absolute path")
-        return Path(override)
-    uid = os.geteuid()
-    if uid == 0:
-        return Path("/run/virtcontainers")
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir and os.path.isabs(runtime_dir):
-        return Path(runtime_dir) / "virtcontainers"
-    return Path(f"/tmp/virtcontainers-{uid}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +132,7 @@ class StateStore:
         Raises:
             StoreError: the id is invalid (see :func:`validate_sandbox_id`).
         """
-        return self._root / SANDBOXES_DIR / validate_sandbox_id(sandbox_id)
+        return sandbox_dir(self._root, sandbox_id)
 
     def state_path(self, sandbox_id: str) -> Path:
         """Path of the sandbox's ``state.json``."""
@@ -263,7 +230,7 @@ class StateStore:
         except OSError as exc:
             raise _wrap(exc, "cannot list sandboxes", base) from exc
         self._ensure_root(create=False)
-        return sorted(n for n in names if _ID_RE.fullmatch(n) is not None and self.exists(n))
+        return sorted(n for n in names if is_sandbox_id(n) and self.exists(n))
 
     def delete(self, sandbox_id: str) -> None:
         """Remove the sandbox directory and everything in it. Idempotent.

@@ -32,8 +32,9 @@ import msgspec
 
 from virtcontainers.agent.client import AgentClient
 from virtcontainers.agent.transport import connect_channel
-from virtcontainers.errors import AgentError, StoreError, VirtContainersError
+from virtcontainers.errors import AgentError, ConfigError, StoreError, VirtContainersError
 from virtcontainers.hypervisor import VmState
+from virtcontainers.images.sandbox_image import exec_defaults
 from virtcontainers.persist.document import SandboxDocument
 from virtcontainers.persist.records import ExitRecord
 from virtcontainers.persist.store import StateStore
@@ -331,6 +332,8 @@ class SandboxServer:
             return {**sb.info().to_dict(), "server_pid": os.getpid()}
         if op == "logs":
             return sb.logs().decode(errors="replace")
+        if op == "exec_defaults":
+            return _exec_defaults(sb, args)
         if self._ending is not None and op != "remove":
             raise AgentError(f"sandbox {sb.id} is ending ({self._ending})")
         async with self._lock:
@@ -367,6 +370,32 @@ class SandboxServer:
                 self._finish()
                 return None
         raise AgentError(f"unknown server op {op!r}")
+
+
+def _exec_defaults(sb: Sandbox, args: wire.JsonObject) -> dict[str, object]:
+    """``images.sandbox_image.exec_defaults`` for a client that does not load the sandbox's record (`vc
+    exec`): ``env``/``cwd``/``user`` in, the resolved ``env``/``cwd``/``uid``/``gid`` out.
+
+    Raises:
+        ConfigError: an argument of the wrong type, or what ``exec_defaults`` refuses.
+    """
+    raw_env, env = args.get("env"), None
+    if raw_env is not None:
+        if not isinstance(raw_env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw_env.items()
+        ):
+            raise ConfigError("exec_defaults: 'env' must map names to strings", field="env")
+        env = raw_env
+    cwd, user = _optional_str(args, "cwd"), _optional_str(args, "user")
+    full, cwd, uid, gid = exec_defaults(sb.image, env, cwd, None, None, user)
+    return {"env": full, "cwd": cwd, "uid": uid, "gid": gid, "image": sb.image is not None}
+
+
+def _optional_str(args: wire.JsonObject, name: str) -> str | None:
+    value = args.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise ConfigError(f"exec_defaults: {name!r} must be a string", field=name)
 
 
 def _reason(code: int | None) -> str:

@@ -1,0 +1,138 @@
+"""`vc exec` through a running sandbox server, without click.
+
+A `vc exec ID -- true` is mostly start-up: the interpreter, then click (~12 ms with what it
+imports: inspect, gettext, uuid, datetime), then the command. The common forms of `vc exec`
+are parsed here exactly as click parses the command in :mod:`.processes` (the property test
+tests/unit/test_cli_fast.py holds the two parsers to the same result), and run by the same
+:func:`.execution.exec_through`. Anything else falls through to click and gives what click
+gives: ``--help``, an unknown or malformed option, a missing argument, global options before
+``exec``, tracing or a log format asked for by the environment, or a sandbox whose server
+does not answer (click's path reattaches directly).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+#: `vc exec`'s flags and value options (processes.exec_ and common.process_options).
+_FLAGS = {"-t": "tty", "--tty": "tty", "-i": "interactive", "--interactive": "interactive",
+          "-d": "detach", "--detach": "detach"}  # fmt: skip
+_VALUES = {"-e": "env", "--env": "env", "-w": "workdir", "--workdir": "workdir",
+           "-u": "user", "--user": "user"}  # fmt: skip
+
+
+class ExecArgs(NamedTuple):
+    """`vc exec`'s parameters, as click passes them to ``processes.exec_``."""
+
+    sandbox_id: str
+    command: tuple[str, ...]
+    tty: bool = False
+    interactive: bool = False
+    detach: bool = False
+    env: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+
+
+def parse_exec(args: Sequence[str]) -> ExecArgs | None:
+    """The parameters of ``vc exec <args>``, or ``None`` where click would not parse them
+    this way (an error, ``--help``): click's rules for options before the first positional
+    argument (no interspersed options), short flags in clusters (``-it``), values joined
+    (``-eK=V``, ``--env=K=V``) or in the next argument (even one starting with ``-``)."""
+    flags: set[str] = set()
+    values: dict[str, str] = {}
+    env: list[str] = []
+    rest = list(args)
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg[:1] != "-" or arg == "-":
+            break
+        i += 1
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name in _FLAGS and not eq:
+                flags.add(_FLAGS[name])
+                continue
+            if name not in _VALUES:
+                return None
+        else:  # a cluster of short options: flags, then at most one taking a value
+            name, value = "", ""
+            for at in range(1, len(arg)):
+                opt = "-" + arg[at]
+                if opt in _FLAGS:
+                    flags.add(_FLAGS[opt])
+                elif opt in _VALUES:
+                    name, value = opt, arg[at + 1 :]
+                    break
+                else:
+                    return None
+            if not name:
+                continue
+            eq = "=" if value else ""
+        if not eq:  # the value is the next argument, whatever it looks like
+            if i == len(rest):
+                return None
+            value, i = rest[i], i + 1
+        if _VALUES[name] == "env":
+            env.append(value)
+        else:
+            values[_VALUES[name]] = value
+    positional = rest[i:]
+    if len(positional) < 2:
+        return None
+    return ExecArgs(
+        positional[0], tuple(positional[1:]), tty="tty" in flags,
+        interactive="interactive" in flags, detach="detach" in flags, env=tuple(env),
+        workdir=values.get("workdir"), user=values.get("user"),
+    )  # fmt: skip
+
+
+def run(argv: Sequence[str]) -> None:
+    """Run ``vc <argv>`` here and exit when it is a `vc exec` this path serves; return
+    otherwise (click's path takes it)."""
+    if list(argv[:1]) != ["exec"] or os.environ.get("VC_LOG_FORMAT"):
+        return  # another command, or logging wanted: the full path configures it
+    from virtcontainers.telemetry import export
+
+    if export.requested():
+        return  # traced: the full path opens the command's root span
+    parsed = parse_exec(argv[1:])
+    if parsed is None:
+        return
+    from virtcontainers.cli import execution
+    from virtcontainers.cli.report import report
+    from virtcontainers.cli.streams import claim_stdin
+    from virtcontainers.errors import VirtContainersError
+
+    command = list(parsed.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    try:
+        env = execution.env_items(parsed.env)
+        claim_stdin()
+        connection = execution.connect(parsed.sandbox_id)
+    except VirtContainersError as exc:
+        sys.exit(report(exc))
+    if connection is None:
+        return  # no server: click's path reattaches directly (or says why it cannot)
+    try:
+        execution.exec_through(
+            connection, parsed.sandbox_id, command, tty=parsed.tty,
+            interactive=parsed.interactive, detach=parsed.detach, env=env,
+            workdir=parsed.workdir, user=parsed.user,
+        )  # fmt: skip
+    except VirtContainersError as exc:
+        sys.exit(report(exc))
+    except (KeyboardInterrupt, EOFError):
+        print("\nAborted!", file=sys.stderr)  # as click's standalone mode
+        sys.exit(1)
+    finally:
+        gc.freeze()  # as app.main: spare the interpreter's last collections
