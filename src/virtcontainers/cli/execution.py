@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from contextlib import closing
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from virtcontainers.errors import AgentError, ConfigError
 
@@ -55,18 +55,20 @@ class ExecHow:
         self.env, self.cwd, self.uid, self.gid = env, cwd, uid, gid
 
 
-def run_exec(
-    sandbox_id: str,
-    argv: list[str],
-    *,
-    tty: bool,
-    interactive: bool,
-    detach: bool,
-    env: dict[str, str] | None,
-    workdir: str | None,
-    user: str | None,
-) -> NoReturn:
-    """Run ``argv`` in the sandbox as `vc exec` does and exit with its exit code (``-d``:
+class ExecCall(NamedTuple):
+    """What `vc exec` was asked to run, its options parsed (``env``: ``-e`` items resolved)."""
+
+    argv: list[str]
+    tty: bool
+    interactive: bool
+    detach: bool
+    env: dict[str, str] | None
+    workdir: str | None
+    user: str | None
+
+
+def run_exec(sandbox_id: str, call: ExecCall) -> NoReturn:
+    """Run ``call`` in the sandbox as `vc exec` does and exit with its exit code (``-d``:
     print its guest pid and exit 0).
 
     Raises:
@@ -80,25 +82,12 @@ def run_exec(
     if connection is None:  # no server (it died): reattach directly
         import asyncio
 
-        how = exec_process(sandbox_id, env, workdir, user)
-        sys.exit(asyncio.run(_direct_exec(sandbox_id, argv, tty=tty, interactive=interactive,
-                                          detach=detach, how=how)))  # fmt: skip
-    exec_through(connection, sandbox_id, argv, tty=tty, interactive=interactive,
-                 detach=detach, env=env, workdir=workdir, user=user)  # fmt: skip
+        how = exec_process(sandbox_id, call.env, call.workdir, call.user)
+        sys.exit(asyncio.run(_direct_exec(sandbox_id, call, how)))
+    exec_through(connection, sandbox_id, call)
 
 
-def exec_through(
-    connection: ServerConnection,
-    sandbox_id: str,
-    argv: list[str],
-    *,
-    tty: bool,
-    interactive: bool,
-    detach: bool,
-    env: dict[str, str] | None,
-    workdir: str | None,
-    user: str | None,
-) -> NoReturn:
+def exec_through(connection: ServerConnection, sandbox_id: str, call: ExecCall) -> NoReturn:
     """:func:`run_exec` through ``connection`` to the sandbox's server (closed at exit).
 
     Raises:
@@ -108,19 +97,19 @@ def exec_through(
     from virtcontainers.cli.streams import exec_failed, follow_blocking, terminal_size
 
     with closing(connection):
-        how = served_exec_process(connection, sandbox_id, env, workdir, user)
+        how = served_exec_process(connection, sandbox_id, call.env, call.workdir, call.user)
         try:
             proc = connection.start_exec(
-                argv, env=how.env, cwd=how.cwd, uid=how.uid, gid=how.gid, tty=tty,
-                tty_size=terminal_size() if tty else None, keep=detach,
-                no_stdin=detach and not interactive,
+                call.argv, env=how.env, cwd=how.cwd, uid=how.uid, gid=how.gid, tty=call.tty,
+                tty_size=terminal_size() if call.tty else None, keep=call.detach,
+                no_stdin=call.detach and not call.interactive,
             )  # fmt: skip
         except AgentRequestError as exc:
             sys.exit(exec_failed(exc))
-        if detach:
+        if call.detach:
             print(proc.pid)
             sys.exit(0)
-        sys.exit(follow_blocking(proc, tty=tty, interactive=interactive))
+        sys.exit(follow_blocking(proc, tty=call.tty, interactive=call.interactive))
 
 
 def exec_process(
@@ -165,19 +154,17 @@ def served_exec_process(
     return ExecHow(full, got["cwd"], got["uid"], got["gid"])
 
 
-async def _direct_exec(
-    sandbox_id: str, argv: list[str], *, tty: bool, interactive: bool, detach: bool, how: ExecHow
-) -> int:
+async def _direct_exec(sandbox_id: str, call: ExecCall, how: ExecHow) -> int:
     from virtcontainers.cli.streams import stream_exec
     from virtcontainers.sandbox import Sandbox
 
     sandbox = await Sandbox.attach(sandbox_id)
     try:
-        if detach:
-            await sandbox.exec_stream(argv, detach=True)  # raises: needs a server
+        if call.detach:
+            await sandbox.exec_stream(call.argv, detach=True)  # raises: needs a server
         return await stream_exec(
-            sandbox, argv, tty=tty, interactive=interactive, env=how.env, cwd=how.cwd,
-            uid=how.uid, gid=how.gid,
+            sandbox, call.argv, tty=call.tty, interactive=call.interactive, env=how.env,
+            cwd=how.cwd, uid=how.uid, gid=how.gid,
         )  # fmt: skip
     finally:
         await sandbox.close()

@@ -116,7 +116,10 @@ def run(argv: Sequence[str]) -> None:
     if command[:1] == ["--"]:
         command = command[1:]
     try:
-        env = execution.env_items(parsed.env)
+        call = execution.ExecCall(
+            command, parsed.tty, parsed.interactive, parsed.detach,
+            execution.env_items(parsed.env), parsed.workdir, parsed.user,
+        )  # fmt: skip
         claim_stdin()
         connection = execution.connect(parsed.sandbox_id)
     except VirtContainersError as exc:
@@ -124,11 +127,7 @@ def run(argv: Sequence[str]) -> None:
     if connection is None:
         return  # no server: click's path reattaches directly (or says why it cannot)
     try:
-        execution.exec_through(
-            connection, parsed.sandbox_id, command, tty=parsed.tty,
-            interactive=parsed.interactive, detach=parsed.detach, env=env,
-            workdir=parsed.workdir, user=parsed.user,
-        )  # fmt: skip
+        execution.exec_through(connection, parsed.sandbox_id, call)
     except VirtContainersError as exc:
         sys.exit(report(exc))
     except (KeyboardInterrupt, EOFError):

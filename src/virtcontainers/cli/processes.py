@@ -54,11 +54,11 @@ def exec_(
       vc exec -it 3f2a9c sh
     """
 
-    execution.run_exec(
-        sandbox_id, list(command[1:] if command[:1] == ("--",) else command), tty=tty,
-        interactive=interactive, detach=detach, env=execution.env_items(env), workdir=workdir,
-        user=user,
-    )  # fmt: skip
+    argv = list(command[1:] if command[:1] == ("--",) else command)
+    call = execution.ExecCall(
+        argv, tty, interactive, detach, execution.env_items(env), workdir, user
+    )
+    execution.run_exec(sandbox_id, call)
 
 
 def _require_server(sandbox_id: str) -> ServerConnection:
