@@ -1,19 +1,23 @@
-"""`vc exec`'s fast path (cli/fast.py): its parser gives what click gives or declines, and a
-`vc exec` through a sandbox server really runs without click (mock driver, real agent)."""
+"""The fast path (cli/fast.py): its `vc exec` parser gives what click gives or declines, and
+`vc exec` through a sandbox server and `vc ps --json` really run without click, with click's
+results (mock driver, real agent)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
 
 import click
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virtcontainers.cli.app import app
 from virtcontainers.cli.fast import ExecArgs, parse_exec
 from virtcontainers.cli.processes import exec_
 
@@ -83,15 +87,28 @@ def test_exec_through_a_server_imports_no_click_and_keeps_its_errors(vc: Cli) ->
     assert (out.returncode, out.stdout) == (3, "hi\n"), out.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
     assert "virtcontainers.cli.fast" in imported
-    assert "click" not in imported and "virtcontainers.persist.document" not in imported
+    assert "click" not in imported
+    assert "virtcontainers.persist.document" not in imported
     # Errors are click's path's: one line, exit 1 (a bad -e), 127 (no such program).
     bad = vc("exec", "-e", "=x", "f1", "--", "true")
     assert (bad.returncode, bad.stderr) == (
         1, "error: ConfigError: --env '=x': the variable name is empty\n"
     )  # fmt: skip
     missing = vc("exec", "f1", "--", "no-such-program")
-    assert missing.returncode == 127 and missing.stderr.startswith("error: "), missing.stderr
+    assert missing.returncode == 127, missing.stderr
+    assert missing.stderr.startswith("error: "), missing.stderr
+    # `vc ps --json` takes the fast path too, and prints what click's command prints.
+    ps = subprocess.run([VC, "ps", "--json"], capture_output=True, text=True, env=env,
+                        timeout=60, check=True)  # fmt: skip
+    imported = {line.rsplit("|", 1)[-1].strip() for line in ps.stderr.splitlines()}
+    assert "click" not in imported
+    assert "virtcontainers.listing" in imported
+
+    listed = CliRunner().invoke(app, ["ps", "--json"], env={"VC_RUN_ROOT": vc.env["VC_RUN_ROOT"]})
+    assert json.loads(ps.stdout) == json.loads(listed.stdout)
+    assert [i["id"] for i in json.loads(ps.stdout)] == ["f1"]
     # Without a server (none answers at the socket) click's path takes over and says why.
     gone = vc("exec", "nosuch", "--", "true")
-    assert gone.returncode == 1 and "StoreError" in gone.stderr, gone.stderr
+    assert gone.returncode == 1, gone.stderr
+    assert gone.stderr.startswith("error: StoreError: "), gone.stderr
     assert os.path.exists(vc.state_path("f1"))

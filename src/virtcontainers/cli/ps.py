@@ -3,7 +3,6 @@ click, :mod:`.common` and :mod:`virtcontainers.listing` only; rich for the table
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
@@ -15,12 +14,14 @@ from virtcontainers.cli.common import json_option
 @json_option
 def ps(as_json: bool) -> None:
     """List sandboxes and their state (checked against the live VMM process)."""
+    if as_json:
+        from virtcontainers.cli.fast import ps_json
+
+        ps_json()  # what `vc ps --json` prints without click
+        return
     from virtcontainers.listing import list_sandboxes
 
     infos = list_sandboxes()
-    if as_json:
-        print(json.dumps([i.to_dict() for i in infos], indent=2))
-        return
     from rich.console import Console
     from rich.table import Table
 

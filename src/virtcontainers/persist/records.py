@@ -11,6 +11,7 @@ costs ~0.4 s to import).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from virtcontainers import devices
+if typing.TYPE_CHECKING:
+    from virtcontainers import devices
+
+    Device = devices.ColdPlugDevice | devices.HotplugDevice
 
 __all__ = [
     "AgentChannel",
@@ -87,15 +91,20 @@ class ExitRecord(_Record, frozen=True):
 
 # -- devices ----------------------------------------------------------------------------------
 
-#: The device classes a record may name (a record never names an arbitrary attribute).
-_DEVICE_TYPES: Mapping[str, type] = {
-    cls.__name__: cls
-    for cls in (
-        *typing.get_args(devices.ColdPlugDevice),
-        *typing.get_args(devices.HotplugDevice),
-    )
-}
-Device = devices.ColdPlugDevice | devices.HotplugDevice
+@functools.cache
+def _device_types() -> Mapping[str, type]:
+    """The device classes a record may name (never an arbitrary attribute). ``devices.py``
+    is imported on the first record that names a device: `vc ps` of sandboxes without one
+    does not pay for it (~5 ms, bench/cli.py)."""
+    from virtcontainers import devices
+
+    return {
+        cls.__name__: cls
+        for cls in (
+            *typing.get_args(devices.ColdPlugDevice),
+            *typing.get_args(devices.HotplugDevice),
+        )
+    }
 
 
 class DeviceRecord(_Record, frozen=True):
@@ -117,9 +126,10 @@ class DeviceRecord(_Record, frozen=True):
         Raises:
             ValueError: an unknown device type, or a missing, unknown or mistyped field.
         """
-        kind = _DEVICE_TYPES.get(self.type)
+        kinds = _device_types()
+        kind = kinds.get(self.type)
         if kind is None:
-            allowed = ", ".join(sorted(_DEVICE_TYPES))
+            allowed = ", ".join(sorted(kinds))
             raise ValueError(f"unknown device type {self.type!r} (allowed: {allowed})")
         names = {f.name for f in dataclasses.fields(kind)}
         unknown = self.spec.keys() - names
@@ -134,6 +144,8 @@ class DeviceRecord(_Record, frozen=True):
         Raises:
             ValueError: as :meth:`device`, or a device that cannot be cold-plugged.
         """
+        from virtcontainers import devices
+
         device = self.device()
         if not isinstance(device, typing.get_args(devices.ColdPlugDevice)):
             raise ValueError(f"a {self.type} cannot be cold-plugged")
