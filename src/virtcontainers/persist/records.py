@@ -91,6 +91,7 @@ class ExitRecord(_Record, frozen=True):
 
 # -- devices ----------------------------------------------------------------------------------
 
+
 @functools.cache
 def _device_types() -> Mapping[str, type]:
     """The device classes a record may name (never an arbitrary attribute). ``devices.py``
