@@ -373,8 +373,9 @@ class SandboxServer:
 
 
 def _exec_defaults(sb: Sandbox, args: wire.JsonObject) -> dict[str, object]:
-    """``images.sandbox_image.exec_defaults`` for a client that does not load the sandbox's record (`vc
-    exec`): ``env``/``cwd``/``user`` in, the resolved ``env``/``cwd``/``uid``/``gid`` out.
+    """The image's exec defaults (``images.sandbox_image.exec_defaults``) for a client that
+    does not load the sandbox's record (`vc exec`): ``env``/``cwd``/``user`` in, the resolved
+    ``env``/``cwd``/``uid``/``gid`` out.
 
     Raises:
         ConfigError: an argument of the wrong type, or what ``exec_defaults`` refuses.
