@@ -31,6 +31,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtcontainers.procfs import processes_mentioning
+
 VC = str(Path(sys.executable).with_name("vc"))
 STEP_TIMEOUT = 120.0
 STDIN_BYTES = 1 << 20
@@ -110,23 +112,8 @@ class Soak:
         run_dir = self.root / "sandboxes" / sid
         if run_dir.exists():
             raise StepFailed("leftovers", f"{run_dir} still exists: {sorted(os.listdir(run_dir))}")
-        if pids := processes_naming(str(run_dir)):
+        if pids := processes_mentioning(str(run_dir)):
             raise StepFailed("leftovers", f"processes still name the run dir: {pids}")
-
-
-def processes_naming(text: str) -> list[int]:
-    """PIDs whose command line contains ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def summary(soak: Soak, cycles: int, load: int, seconds: float) -> dict[str, object]:
