@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +95,8 @@ def atomic_write(
     Raises:
         OSError: cannot write, sync or rename.
     """
+    import tempfile  # here: `vc ps`, which only reads, does not load it
+
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=tmp_suffix, dir=directory)
     try:

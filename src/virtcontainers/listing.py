@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtcontainers.errors import StoreError
@@ -18,8 +18,6 @@ from virtcontainers.persist.store import StateStore
 from virtcontainers.procfs import process_matches
 
 __all__ = ["SandboxInfo", "list_sandboxes"]
-
-log = logging.getLogger(__name__)
 
 #: What ``vc ps`` says of a record that says the VM runs when its VMM is gone and nobody
 #: recorded its end (the process that owned it died with it, or the host rebooted).
@@ -59,15 +57,33 @@ class SandboxInfo:
         return out
 
 
-def list_sandboxes(store: StateStore | None = None) -> list[SandboxInfo]:
-    """Every recorded sandbox, with its state checked against the live VMM process."""
+def warn_unreadable(sandbox_id: str, exc: StoreError) -> None:
+    """Log that the record of ``sandbox_id`` is skipped, and why (a warning)."""
+    import logging  # here: what scripts poll loads logging only when it has a warning
+
+    logging.getLogger(__name__).warning("skipping sandbox %s: %s", sandbox_id, exc)
+
+
+def list_sandboxes(
+    store: StateStore | None = None,
+    *,
+    on_unreadable: Callable[[str, StoreError], None] = warn_unreadable,
+) -> list[SandboxInfo]:
+    """Every recorded sandbox, with its state checked against the live VMM process.
+
+    A record that cannot be read (corrupt, or from a newer version) is left out and passed
+    to ``on_unreadable`` with its ``StoreError`` (default: :func:`warn_unreadable`).
+
+    Raises:
+        StoreError: the store's root is unusable.
+    """
     store = store or StateStore()
     out = []
     for sandbox_id in store.list():
         try:
             doc = store.load(sandbox_id)
         except StoreError as exc:
-            log.warning("skipping sandbox %s: %s", sandbox_id, exc)
+            on_unreadable(sandbox_id, exc)
             continue
         info = _info(doc)
         if not info.state.live and doc.network.has_host_side:

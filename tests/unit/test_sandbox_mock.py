@@ -213,7 +213,9 @@ async def test_a_corrupt_record_is_a_store_error_naming_its_path(
     with pytest.raises(StoreError, match=r"Invalid enum value 'sleeping' - at `\$.state`") as err:
         await Sandbox.attach("m1", store=store)
     assert err.value.path == str(path)
-    assert list_sandboxes(store) == []  # listed as unreadable (a warning), not shown as valid
+    unreadable: list[tuple[str, StoreError]] = []
+    assert list_sandboxes(store, on_unreadable=lambda i, e: unreadable.append((i, e))) == []
+    assert [(i, e.path) for i, e in unreadable] == [("m1", str(path))]  # not shown as valid
     path.write_bytes(good)  # so that the fixture can stop and remove it
 
 

@@ -22,8 +22,11 @@ import gc
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import NamedTuple, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
+
+if TYPE_CHECKING:
+    from virtcontainers.errors import StoreError
 
 #: `vc exec`'s flags and value options (processes.exec_ and common.process_options).
 _FLAGS = {"-t": "tty", "--tty": "tty", "-i": "interactive", "--interactive": "interactive",
@@ -117,25 +120,35 @@ def run(argv: Sequence[str]) -> None:
         _exec(argv[1:])
 
 
-def ps_json() -> None:
-    """Print `vc ps --json`: every sandbox of the store as JSON objects.
+def ps_json(on_unreadable: Callable[[str, StoreError], None] | None = None) -> None:
+    """Print `vc ps --json`: every sandbox of the store as JSON objects; a record that
+    cannot be read goes to ``on_unreadable`` (default: a logged warning).
 
     Raises:
         StoreError: the store's root is unusable.
     """
-    from virtcontainers.listing import list_sandboxes
+    from virtcontainers.listing import list_sandboxes, warn_unreadable
 
-    print(json.dumps([i.to_dict() for i in list_sandboxes()], indent=2))
+    infos = list_sandboxes(on_unreadable=on_unreadable or warn_unreadable)
+    print(json.dumps([i.to_dict() for i in infos], indent=2))
+
+
+def _warn_unreadable(sandbox_id: str, exc: StoreError) -> None:
+    # Logging is set up as the click group does, but only when there is a warning to give:
+    # importing logging is a tenth of a `vc ps`.
+    from virtcontainers.listing import warn_unreadable
+    from virtcontainers.telemetry import logs
+
+    logs.configure(None)
+    warn_unreadable(sandbox_id, exc)
 
 
 def _ps() -> NoReturn:
     from virtcontainers.cli.report import report
     from virtcontainers.errors import VirtContainersError
-    from virtcontainers.telemetry import logs
 
     try:
-        logs.configure(None)  # as the click group: the warnings of skipped records
-        ps_json()
+        ps_json(_warn_unreadable)
     except VirtContainersError as exc:
         sys.exit(report(exc))
     finally:

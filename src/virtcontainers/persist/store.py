@@ -33,7 +33,6 @@ import builtins
 import contextlib
 import errno
 import os
-import shutil
 import stat
 import threading
 import time
@@ -245,6 +244,8 @@ class StateStore:
         if not os.path.lexists(path):
             return
         try:
+            import shutil  # here: `vc ps`, which only reads, does not load it
+
             with self._locked(sandbox_id, exclusive=True):
                 shutil.rmtree(path)
         except _Gone:
