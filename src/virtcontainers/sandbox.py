@@ -201,6 +201,11 @@ class Sandbox:
         )
         checked = config.copy()
         checked.valid()
+        # Recorded as given, but with the vCPUs and memory the VM boots with (a default or
+        # a clamp applied): `vc ps` shows them, and it loads no config module to work them out.
+        config = config.copy()
+        config.resources.num_vcpus = checked.resources.num_vcpus
+        config.resources.memory_size = checked.resources.memory_size
         spec = network or NetworkSpec()
         Attachment.check(spec, kind.value)
         sandbox_id = id or secrets.token_hex(6)

@@ -109,6 +109,53 @@ def test_cp_with_a_malformed_target(vc: Cli, tmp_path: Path) -> None:
     assert line.endswith("no sandbox 'nosuch'")
 
 
+def test_control_commands_go_to_the_server_and_direct_once_it_died(vc: Cli) -> None:
+    vc.started("m1")
+    traced = {**vc.env, "PYTHONPROFILEIMPORTTIME": "1"}
+
+    def control(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+        out = subprocess.run([VC, *argv], capture_output=True, text=True, env=traced,
+                             timeout=60, check=False)  # fmt: skip
+        lines = out.stderr.splitlines()
+        imported = {line.rsplit("|", 1)[-1].strip() for line in lines if "|" in line}
+        out.stderr = "\n".join(line for line in lines if not line.startswith("import time:"))
+        return out, imported
+
+    # Through the server: the blocking client, no sandbox layer (drivers, asyncio).
+    out, imported = control("pause", "m1")
+    assert out.returncode == 0, out.stderr
+    assert "virtcontainers.sandbox" not in imported
+    assert "asyncio" not in imported
+    assert vc.ps()["m1"]["state"] == "paused"
+    out, _ = control("pause", "m1")
+    assert (out.returncode, out.stderr) == (
+        1,
+        "error: StateError: [mock:m1] cannot pause while paused; requires running",
+    )
+    assert control("resume", "m1")[0].returncode == 0
+    out, imported = control("resize", "m1", "--cpus", "2", "--json")
+    assert (out.returncode, json.loads(out.stdout)) == (0, {"cpus": [1, 2]}), out.stderr
+    assert "virtcontainers.sandbox" not in imported
+    assert vc.ps()["m1"]["vcpus"] == 2
+    sysfs = vc.root / "vc" / "sandboxes" / "m1" / "mock-sysfs" / "devices" / "system" / "cpu"
+    assert (sysfs / "cpu1" / "online").read_text() == "1"  # hot-added offline, onlined
+    # The server killed: the same commands attach the VM directly.
+    state = json.loads(vc.state_path("m1").read_text())
+    os.kill(state["owner_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while vc.ps()["m1"]["server"] != "dead":
+        assert time.monotonic() < deadline, vc.ps()["m1"]
+        time.sleep(0.05)
+    out, imported = control("pause", "m1")
+    assert out.returncode == 0, out.stderr
+    assert "virtcontainers.sandbox" in imported
+    assert vc.ps()["m1"]["state"] == "paused"
+    assert control("resume", "m1")[0].returncode == 0
+    out, _ = control("resize", "m1", "--cpus", "1", "--json")
+    assert (out.returncode, json.loads(out.stdout)) == (0, {"cpus": [2, 1]}), out.stderr
+    assert sorted(cpu.name for cpu in sysfs.iterdir()) == ["cpu0"]
+
+
 def test_create_with_zero_cpus_is_a_usage_error(vc: Cli) -> None:
     line = _error(vc.create("z", "--cpus", "0"), code=2)
     assert "Invalid value for '--cpus': 0 is not in the range x>=1." in line

@@ -203,6 +203,29 @@ async def test_the_sandbox_server_records_how_the_guest_died(
     assert store.list() == []
 
 
+async def test_resizes_are_onlined_in_the_guests_sysfs(
+    config: HypervisorConfig, store: StateStore
+) -> None:
+    config.resources.mem_slots = 2
+    sb = await Sandbox.create(config, id="m2", hypervisor="mock", store=store)
+    await sb.start(timeout=60)
+    try:
+        assert (sb.info().vcpus, sb.info().memory_mb) == (1, 2048)  # the defaults it boots with
+        sysfs = sb.run_dir / "mock-sysfs" / "devices" / "system"
+        assert sorted(p.name for p in (sysfs / "cpu").iterdir()) == ["cpu0"]
+        assert await sb.resize_vcpus(2) == (1, 2)
+        assert (sysfs / "cpu" / "cpu1" / "online").read_text() == "1"  # written as sysfs is
+        grown = 2048 + 256
+        assert await sb.resize_memory(grown) == grown
+        states = {p.name: (p / "state").read_text() for p in (sysfs / "memory").iterdir()}
+        assert states == {"memory0": "online", "memory1": "online"}  # 2 blocks of 128 MiB
+        assert await sb.resize_vcpus(1) == (2, 1)
+        assert not (sysfs / "cpu" / "cpu1").exists()
+    finally:
+        await sb.remove()
+    assert not sb.run_dir.exists()
+
+
 async def test_a_corrupt_record_is_a_store_error_naming_its_path(
     running: Sandbox, store: StateStore
 ) -> None:

@@ -170,9 +170,9 @@ async def _direct_exec(sandbox_id: str, call: ExecCall, how: ExecHow) -> int:
         await sandbox.close()
 
 
-def connect(sandbox_id: str) -> ServerConnection | None:
+def connect(sandbox_id: str, *, timeout: float = 30.0) -> ServerConnection | None:
     """A connection to the sandbox's server, found without loading its record; ``None``
-    when none answers.
+    when none answers. ``timeout`` bounds each of its requests.
 
     Raises:
         StoreError: an invalid sandbox id, or an unusable ``$VC_RUN_ROOT``.
@@ -181,6 +181,6 @@ def connect(sandbox_id: str) -> ServerConnection | None:
     from virtcontainers.server.sync_client import ServerConnection
 
     try:
-        return ServerConnection.connect(sandbox_dir(default_root(), sandbox_id))
+        return ServerConnection.connect(sandbox_dir(default_root(), sandbox_id), timeout=timeout)
     except AgentError:
         return None

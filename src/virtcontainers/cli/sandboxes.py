@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -149,14 +149,14 @@ def logs(sandbox_id: str, follow: bool) -> None:
 @sandbox_id_argument
 def pause(sandbox_id: str) -> None:
     """Freeze the sandbox's vCPUs."""
-    _with_sandbox(sandbox_id, lambda s: s.pause())
+    _control(sandbox_id, "pause", lambda s: s.pause())
 
 
 @click.command()
 @sandbox_id_argument
 def resume(sandbox_id: str) -> None:
     """Unfreeze a paused sandbox."""
-    _with_sandbox(sandbox_id, lambda s: s.resume())
+    _control(sandbox_id, "resume", lambda s: s.resume())
 
 
 @click.command()
@@ -193,16 +193,15 @@ def resize(sandbox_id: str, cpus: int | None, memory: int | None, as_json: bool)
     """Change a running sandbox's vCPUs (up or down) or memory (up, in 128 MiB blocks)."""
     if cpus is None and memory is None:
         raise ConfigError("resize needs --cpus or --memory (or both)", field="resize")
-
-    async def go(s: Sandbox) -> None:
-        result: dict[str, object] = {}
-        if cpus is not None:
-            result["cpus"] = list(await s.resize_vcpus(cpus))
-        if memory is not None:
-            result["memory_mb"] = await s.resize_memory(memory)
-        _emit(result, as_json, ", ".join(f"{k}: {v}" for k, v in result.items()))
-
-    _with_sandbox(sandbox_id, go)
+    result: dict[str, object] = {}
+    if cpus is not None:
+        pair = _control(sandbox_id, "resize_vcpus", lambda s: s.resize_vcpus(cpus), vcpus=cpus)
+        result["cpus"] = list(pair)  # (old, new): a list from the server, a tuple direct
+    if memory is not None:
+        result["memory_mb"] = _control(
+            sandbox_id, "resize_memory", lambda s: s.resize_memory(memory), mem_mb=memory
+        )
+    _emit(result, as_json, ", ".join(f"{k}: {v}" for k, v in result.items()))
 
 
 @click.command()
@@ -227,6 +226,38 @@ def rm(sandbox_ids: tuple[str, ...], force: bool) -> None:
             await s.remove()
 
         _with_sandbox(sandbox_id, go)
+
+
+def _control(
+    sandbox_id: str, op: str, direct: Callable[[Sandbox], Awaitable[object]], **args: object
+) -> Any:
+    """Server op ``op`` through the blocking client when the sandbox's server answers (no
+    sandbox layer, drivers or asyncio are imported: most of such a command's cost), else
+    ``direct`` on the attached sandbox (the recovery path after its server died). Returns
+    the op's result: the server's JSON reply, or what ``direct`` returned.
+
+    Raises:
+        what the server or ``direct`` raise, with their public classes.
+    """
+    import contextlib
+
+    from virtcontainers.cli.execution import connect
+
+    connection = connect(sandbox_id, timeout=_CONTROL_TIMEOUT)
+    if connection is None:
+        got: list[object] = []
+
+        async def run(s: Sandbox) -> None:
+            got.append(await direct(s))
+
+        _with_sandbox(sandbox_id, run)
+        return got[0]
+    with contextlib.closing(connection):
+        return connection.call(op, **args)
+
+
+#: As the Sandbox API's calls to its server: a resize waits for the guest under TCG.
+_CONTROL_TIMEOUT = 120.0
 
 
 def _with_sandbox(sandbox_id: str, action: Callable[[Sandbox], Awaitable[None]]) -> None:

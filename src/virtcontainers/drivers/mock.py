@@ -13,8 +13,12 @@ guest shutdown ends the process as a power-off ends a VMM. Its pid is the VM's p
 dir is in its argv, as for every VMM, so ``vc ps`` sees it die. ``mock-vmm.json`` in the run
 dir holds the run state while the VM runs or is paused, so another process can
 :meth:`~MockHypervisor.reattach`, and finds it gone after a crash. The guest has no kernel of
-its own: ``/sys`` and ``/proc`` are the host's, so vCPUs and memory plugged at the driver level
-are not seen by the guest.
+its own: ``/proc`` is the host's, and only the agent sees the guest's CPUs and memory blocks,
+in a private sysfs the mock keeps as a kernel would (a hot-added vCPU or DIMM appears offline;
+the agent's ``online_cpus``/``online_memory`` online it; a removed vCPU disappears). The
+count of online CPUs that ``Sandbox.resize_vcpus`` then reads from
+``/sys/devices/system/cpu/online`` is the host's, so the mock grows no further than the
+host's CPUs.
 
 Outside a sandbox (the behavioural suite) there is no guest and the pids are synthetic.
 """
@@ -151,6 +155,7 @@ class MockHypervisor(ResizeByHotplug):
             self._run_dir, Deadline.after(timeout), sandbox_id=self.sandbox_id
         )
         self._vm.pid = self._guest.process.pid
+        self._guest.show_cpus(self._current_vcpus(), online=True)
 
     async def _stop_guest(self, *, wait: float) -> None:
         guest, self._guest = self._guest, None
@@ -239,9 +244,13 @@ class MockHypervisor(ResizeByHotplug):
                     self._vm.next_cpu += 1
                 self._vm.hot_vcpus.extend(ids)
                 device.amount, device.ids = n, ids
+                if self._guest is not None:
+                    self._guest.show_cpus(self._current_vcpus(), online=False)
                 return device
             case MemoryDevice():
                 self._plug_memory(device)
+                if self._guest is not None:
+                    self._guest.add_memory(device.size_mb)
                 return device
             case BlockDrive() | NetDevice() | VfioDevice() | VhostUserDevice():
                 key = _device_key(device)
@@ -268,6 +277,8 @@ class MockHypervisor(ResizeByHotplug):
                     )
                 device.ids = hot[len(hot) - device.amount :]
                 del hot[len(hot) - device.amount :]
+                if self._guest is not None:
+                    self._guest.show_cpus(self._current_vcpus(), online=False)
                 return device
             case MemoryDevice():
                 raise UnsupportedError("memory hot-unplug", driver="mock")

@@ -27,6 +27,7 @@ __all__ = ["MockGuest", "agent_socket"]
 AGENT_SOCKET = "mock-agent.sock"
 _SYSFS = "mock-sysfs"
 _CONSOLE_LOG = "console.log"
+_MEMORY_BLOCK_MB = 128
 
 
 def agent_socket(run_dir: Path) -> SerialPort:
@@ -98,6 +99,42 @@ class MockGuest:
 
     def alive(self) -> bool:
         return self.process.alive()
+
+    def show_cpus(self, count: int, *, online: bool) -> None:
+        """Make the guest's sysfs list ``count`` CPUs: ``cpu0`` (which has no ``online``
+        file: it cannot go offline) to ``cpu<count-1>``. CPUs it did not list yet appear
+        ``online`` (boot) or offline (hot-added: the agent's ``online_cpus`` onlines them);
+        CPUs past ``count`` (hot-removed) disappear.
+
+        Raises:
+            OSError: the sysfs cannot be written.
+        """
+        cpus = self.run_dir / _SYSFS / "devices" / "system" / "cpu"
+        cpus.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            cpu = cpus / f"cpu{index}"
+            if not cpu.exists():
+                cpu.mkdir()
+                if index:
+                    (cpu / "online").write_text("1\n" if online else "0\n")
+        for cpu in cpus.glob("cpu*"):
+            if cpu.name[3:].isdigit() and int(cpu.name[3:]) >= count:
+                shutil.rmtree(cpu)
+
+    def add_memory(self, size_mb: int) -> None:
+        """Make the guest's sysfs list the memory blocks of a hot-added DIMM (128 MiB each,
+        as on x86), offline until the agent's ``online_memory`` onlines them.
+
+        Raises:
+            OSError: the sysfs cannot be written.
+        """
+        blocks = self.run_dir / _SYSFS / "devices" / "system" / "memory"
+        blocks.mkdir(parents=True, exist_ok=True)
+        first = len(list(blocks.glob("memory*")))
+        for index in range(first, first + max(1, size_mb // _MEMORY_BLOCK_MB)):
+            block = blocks / f"memory{index}"
+            block.mkdir()
+            (block / "state").write_text("offline\n")
 
     def kill(self) -> None:
         """SIGKILL the agent: the VMM dies under a running guest."""

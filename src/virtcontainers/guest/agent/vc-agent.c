@@ -1138,7 +1138,9 @@ static int read_attr(const char *path, char *buf, size_t n)
 
 static int write_attr(const char *path, const char *val)
 {
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    /* O_TRUNC as a shell's `echo 1 > online`: sysfs ignores it, a plain file (the mock
+     * driver's guest sysfs) then holds the value alone */
+    int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
     if (fd < 0)
         return -1;
     ssize_t w = write(fd, val, strlen(val));
