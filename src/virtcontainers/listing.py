@@ -17,7 +17,7 @@ from virtcontainers.persist.records import ExitRecord, json_object
 from virtcontainers.persist.store import StateStore
 from virtcontainers.procfs import process_matches
 
-__all__ = ["SandboxInfo", "list_sandboxes"]
+__all__ = ["SandboxInfo", "list_sandboxes", "warn_unreadable"]
 
 #: What ``vc ps`` says of a record that says the VM runs when its VMM is gone and nobody
 #: recorded its end (the process that owned it died with it, or the host rebooted).

@@ -139,6 +139,20 @@ def test_control_commands_go_to_the_server_and_direct_once_it_died(vc: Cli) -> N
     assert vc.ps()["m1"]["vcpus"] == 2
     sysfs = vc.root / "vc" / "sandboxes" / "m1" / "mock-sysfs" / "devices" / "system" / "cpu"
     assert (sysfs / "cpu1" / "online").read_text() == "1"  # hot-added offline, onlined
+    # `vc cp` both ways (the mock's guest is the host: guest paths are host paths).
+    local, inside, back = (vc.root / name for name in ("local", "inside", "back"))
+    local.write_bytes(os.urandom(100_000))
+    out, imported = control("cp", str(local), f"m1:{inside}")
+    assert out.returncode == 0, out.stderr
+    assert "virtcontainers.sandbox" not in imported
+    assert inside.read_bytes() == local.read_bytes()
+    assert control("cp", f"m1:{inside}", str(back))[0].returncode == 0
+    assert back.read_bytes() == local.read_bytes()
+    out, _ = control("cp", f"m1:{vc.root}/nosuch", str(back))
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"error: AgentError: read_file {vc.root}/nosuch: No such file or directory (OS [ENOENT])"
+    )
     # The server killed: the same commands attach the VM directly.
     state = json.loads(vc.state_path("m1").read_text())
     os.kill(state["owner_pid"], signal.SIGKILL)
@@ -153,6 +167,11 @@ def test_control_commands_go_to_the_server_and_direct_once_it_died(vc: Cli) -> N
     assert control("resume", "m1")[0].returncode == 0
     out, _ = control("resize", "m1", "--cpus", "1", "--json")
     assert (out.returncode, json.loads(out.stdout)) == (0, {"cpus": [2, 1]}), out.stderr
+    inside.unlink()
+    out, imported = control("cp", str(local), f"m1:{inside}")
+    assert out.returncode == 0, out.stderr
+    assert "virtcontainers.sandbox" in imported
+    assert inside.read_bytes() == local.read_bytes()
     assert sorted(cpu.name for cpu in sysfs.iterdir()) == ["cpu0"]
 
 

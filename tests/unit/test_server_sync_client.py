@@ -23,8 +23,8 @@ import pytest
 from tests.unit.test_agent_client import Agent, agent_binary, start_agent  # noqa: F401
 from tests.unit.test_server_relay import _handler
 from virtcontainers.agent import connect_unix
-from virtcontainers.agent.protocol import AgentRequestError, FrameType
-from virtcontainers.errors import AgentError, StateError
+from virtcontainers.agent.protocol import CHUNK, AgentRequestError, FrameType
+from virtcontainers.errors import AgentError, ConfigError, StateError
 from virtcontainers.server.relay import Relay
 from virtcontainers.server.sync_client import RemoteProcess, ServerConnection
 
@@ -114,6 +114,38 @@ def _blocking(run_dir: str) -> None:
 
 async def test_blocking_client_through_the_relay(run_dir: str) -> None:
     await asyncio.to_thread(_blocking, run_dir)
+
+
+def _files(run_dir: str) -> None:
+    target = os.path.join(run_dir, "copied")
+    data = os.urandom(3 * CHUNK + 123)  # several chunks, the last one short
+    with closing(ServerConnection.connect(run_dir)) as conn:
+        conn.write_file(target, data, 0o640)
+        assert Path(target).read_bytes() == data
+        assert Path(target).stat().st_mode & 0o777 == 0o640
+        assert not Path(target + ".vc-part").exists()  # renamed into place after the last
+        assert conn.read_file(target) == data
+        conn.write_file(target, b"", 0o600)  # one empty, final chunk
+        assert conn.read_file(target) == b""
+        exact = os.urandom(2 * CHUNK)  # ends on a chunk boundary: EOF on an empty chunk
+        conn.write_file(target, exact)
+        assert conn.read_file(target) == exact
+        status = conn.read_file("/proc/self/status")  # st_size 0: ends with a short read
+        assert status.startswith(b"Name:")
+        nosuch = os.path.join(run_dir, "nosuch")
+        with pytest.raises(AgentRequestError) as missing:
+            conn.read_file(nosuch)
+        # the agent's message names the request: said once, not twice
+        assert str(missing.value) == f"read_file {nosuch}: No such file or directory (OS [ENOENT])"
+        with pytest.raises(AgentRequestError):
+            conn.write_file(os.path.join(run_dir, "nodir", "f"), b"x")
+        with pytest.raises(ConfigError):
+            conn.write_file("", b"x")
+    os.unlink(target)
+
+
+async def test_blocking_client_copies_files_through_the_relay(run_dir: str) -> None:
+    await asyncio.to_thread(_files, run_dir)
 
 
 async def test_connect_without_a_server_is_an_agent_error(tmp_path: Path) -> None:

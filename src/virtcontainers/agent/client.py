@@ -46,10 +46,13 @@ from virtcontainers.agent.protocol import (
     exit_status,
     incompatible,
     path_item,
+    read_file_chunk,
+    read_file_request,
     text_item,
     tlv,
     tlv_encode,
     uint_item,
+    write_file_requests,
 )
 from virtcontainers.agent.transport import (
     StreamPair,
@@ -481,25 +484,17 @@ class AgentClient:
         applies per chunk.
         """
         op = f"write_file {path}"
-        head = [path_item(path), uint_item(Tag.MODE, "mode", mode, 4)]
-        if not atomic:
-            head.append(tlv(Tag.DIRECT, 1, 1))
-        if parents:
-            head.append(tlv(Tag.PARENTS, 1, 1))
-        offsets = list(range(0, len(data), CHUNK)) or [0]
+        requests = write_file_requests(path, data, mode, atomic=atomic, parents=parents)
         window: deque[_Pending] = deque()
         try:
-            for off in offsets:
-                final = off == offsets[-1]
-                items = [*head, tlv(Tag.OFFSET, off, 8), tlv(Tag.DATA, data[off : off + CHUNK])]
-                if final:
-                    items.append(tlv(Tag.FINAL, 1, 1))
+            for index, payload in enumerate(requests):
+                if index == len(requests) - 1:
                     # the rename must not happen unless every earlier chunk landed
                     while window:
                         await self._result(window.popleft(), timeout)
                 while len(window) >= _PIPELINE:
                     await self._result(window.popleft(), timeout)
-                window.append(self._submit(FrameType.WRITE_FILE, tlv_encode(items), op))
+                window.append(self._submit(FrameType.WRITE_FILE, payload, op))
             while window:
                 await self._result(window.popleft(), timeout)
         finally:
@@ -515,17 +510,13 @@ class AgentClient:
         try:
             while True:
                 while len(window) < _PIPELINE:
-                    items = [
-                        path_item(path),
-                        tlv(Tag.OFFSET, offset, 8),
-                        tlv(Tag.LENGTH, CHUNK, 4),
-                    ]
-                    window.append(self._submit(FrameType.READ_FILE, tlv_encode(items), op))
+                    window.append(
+                        self._submit(FrameType.READ_FILE, read_file_request(path, offset), op)
+                    )
                     offset += CHUNK
-                fields = await self._result(window.popleft(), timeout)
-                data = fields.raw(Tag.DATA)
+                data, last = read_file_chunk(await self._result(window.popleft(), timeout))
                 parts.append(data)
-                if fields.uint(Tag.EOF, 0) or len(data) < CHUNK:
+                if last:
                     return b"".join(parts)
         finally:
             for pending in window:

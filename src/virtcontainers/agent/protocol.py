@@ -427,6 +427,46 @@ def exec_request(
     return tlv_encode([*items, *extra_items])
 
 
+def write_file_requests(
+    path: str, data: bytes, mode: int, *, atomic: bool = True, parents: bool = False
+) -> list[bytes]:
+    """The WRITE_FILE payloads that write ``data`` to ``path``, one per CHUNK, in order; the
+    last carries FINAL (with ``atomic``, the agent renames the file into place then, so it
+    must be sent only once every earlier chunk was acknowledged).
+
+    Raises:
+        ConfigError: an empty path, NUL or non-UTF-8 text, a mode out of range.
+    """
+    head = [path_item(path), uint_item(Tag.MODE, "mode", mode, 4)]
+    if not atomic:
+        head.append(tlv(Tag.DIRECT, 1, 1))
+    if parents:
+        head.append(tlv(Tag.PARENTS, 1, 1))
+    offsets = list(range(0, len(data), CHUNK)) or [0]
+    final = [tlv(Tag.FINAL, 1, 1)]
+    return [
+        tlv_encode([*head, tlv(Tag.OFFSET, off, 8), tlv(Tag.DATA, data[off : off + CHUNK]),
+                    *(final if off == offsets[-1] else [])])
+        for off in offsets
+    ]  # fmt: skip
+
+
+def read_file_request(path: str, offset: int) -> bytes:
+    """The READ_FILE payload for the CHUNK of ``path`` at ``offset``.
+
+    Raises:
+        ConfigError: an empty path, NUL or non-UTF-8 text.
+    """
+    return tlv_encode([path_item(path), tlv(Tag.OFFSET, offset, 8), tlv(Tag.LENGTH, CHUNK, 4)])
+
+
+def read_file_chunk(fields: Fields) -> tuple[bytes, bool]:
+    """A READ_FILE reply's data, and whether it is the file's last chunk (EOF, or short:
+    procfs files say st_size 0 and end with a short read)."""
+    data = fields.raw(Tag.DATA)
+    return data, bool(fields.uint(Tag.EOF, 0)) or len(data) < CHUNK
+
+
 @dataclass(frozen=True, slots=True)
 class ExitStatus:
     """How an exec ended: ``exit_code`` for a normal exit, ``signal`` when killed."""
@@ -466,7 +506,10 @@ class AgentRequestError(AgentError):
         except ValueError:
             name = str(code)
         errname = f" [{errno_mod.errorcode.get(errno, errno)}]" if errno else ""
-        super().__init__(f"{operation}: {message} ({name}{errname})")
+        # The agent names the request itself in most messages ("read_file /x: No such
+        # file"): said once.
+        text = message if message.startswith(f"{operation}:") else f"{operation}: {message}"
+        super().__init__(f"{text} ({name}{errname})")
 
 
 def incompatible(major: int, minor: int | None) -> AgentError:

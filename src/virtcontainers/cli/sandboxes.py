@@ -26,6 +26,7 @@ from virtcontainers.errors import ConfigError
 
 if TYPE_CHECKING:
     from virtcontainers.sandbox import Sandbox
+    from virtcontainers.server.sync_client import ServerConnection
 
 T = TypeVar("T")
 
@@ -109,17 +110,18 @@ def cp(source: str, dest: str, mode: str) -> None:
     """Copy a file into (`vc cp f ID:/f`) or out of (`vc cp ID:/f f`) a running sandbox."""
     if ":" in dest and ":" not in source:
         sandbox_id, guest = dest.split(":", 1)
-        data = Path(source).read_bytes()
-        _with_sandbox(sandbox_id, lambda s: s.write_file(guest, data, int(mode, 8)))
+        data, bits = Path(source).read_bytes(), int(mode, 8)
+        _served(
+            sandbox_id,
+            lambda server: server.write_file(guest, data, bits),
+            lambda s: s.write_file(guest, data, bits),
+        )
     elif ":" in source and ":" not in dest:
         sandbox_id, guest = source.split(":", 1)
-        got: list[bytes] = []
-
-        async def fetch(s: Sandbox) -> None:
-            got.append(await s.read_file(guest))
-
-        _with_sandbox(sandbox_id, fetch)
-        Path(dest).write_bytes(got[0])
+        got = _served(
+            sandbox_id, lambda server: server.read_file(guest), lambda s: s.read_file(guest)
+        )
+        Path(dest).write_bytes(got)
     else:
         raise ConfigError("exactly one of SOURCE and DEST must be ID:PATH", field="cp")
 
@@ -231,10 +233,19 @@ def rm(sandbox_ids: tuple[str, ...], force: bool) -> None:
 def _control(
     sandbox_id: str, op: str, direct: Callable[[Sandbox], Awaitable[object]], **args: object
 ) -> Any:
-    """Server op ``op`` through the blocking client when the sandbox's server answers (no
-    sandbox layer, drivers or asyncio are imported: most of such a command's cost), else
-    ``direct`` on the attached sandbox (the recovery path after its server died). Returns
-    the op's result: the server's JSON reply, or what ``direct`` returned.
+    """Server op ``op`` (see :func:`_served`); returns the op's result: the server's JSON
+    reply, or what ``direct`` returned."""
+    return _served(sandbox_id, lambda server: server.call(op, **args), direct)
+
+
+def _served(
+    sandbox_id: str,
+    through: Callable[[ServerConnection], T],
+    direct: Callable[[Sandbox], Awaitable[T]],
+) -> T:
+    """``through`` the blocking client when the sandbox's server answers (no sandbox layer,
+    drivers or asyncio are imported: most of such a command's cost), else ``direct`` on the
+    attached sandbox (the recovery path after its server died).
 
     Raises:
         what the server or ``direct`` raise, with their public classes.
@@ -245,7 +256,7 @@ def _control(
 
     connection = connect(sandbox_id, timeout=_CONTROL_TIMEOUT)
     if connection is None:
-        got: list[object] = []
+        got: list[T] = []
 
         async def run(s: Sandbox) -> None:
             got.append(await direct(s))
@@ -253,7 +264,7 @@ def _control(
         _with_sandbox(sandbox_id, run)
         return got[0]
     with contextlib.closing(connection):
-        return connection.call(op, **args)
+        return through(connection)
 
 
 #: As the Sandbox API's calls to its server: a resize waits for the guest under TCG.

@@ -1,5 +1,5 @@
 """A blocking client of a sandbox server, for the CLI's hot commands (`vc exec`, `vc attach`,
-`vc top`, `vc kill`).
+`vc top`, `vc kill`, `vc cp`, `vc pause`, `vc resume`, `vc resize`).
 
 The same wire as :class:`~virtcontainers.server.client.ServerClient` (the agent framing of
 :mod:`virtcontainers.agent.protocol`, the server's ops of :mod:`.wire`) over a plain unix
@@ -107,6 +107,37 @@ class ServerConnection:
         if not isinstance(info, dict):
             raise AgentError(f"malformed attach reply {info!r}")
         return RemoteProcess(self, int(info["exec_id"]), int(info["pid"]), False)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the guest (atomically: renamed into place after the
+        last chunk), one chunk at a time.
+
+        Raises:
+            ConfigError: a path or mode the wire cannot carry. AgentRequestError: the guest
+                refused (e.g. no such directory). AgentError: no reply, or a lost connection.
+        """
+        for payload in protocol.write_file_requests(path, data, mode):
+            self.request(protocol.FrameType.WRITE_FILE, payload, f"write_file {path}")
+
+    def read_file(self, path: str) -> bytes:
+        """The contents of ``path`` in the guest, one chunk at a time.
+
+        Raises:
+            ConfigError: a path the wire cannot carry. AgentRequestError: the guest refused
+                (e.g. no such file). AgentError: no reply, or a lost connection.
+        """
+        parts: list[bytes] = []
+        while True:
+            offset = len(parts) * protocol.CHUNK
+            fields = self.request(
+                protocol.FrameType.READ_FILE,
+                protocol.read_file_request(path, offset),
+                f"read_file {path}",
+            )
+            data, last = protocol.read_file_chunk(fields)
+            parts.append(data)
+            if last:
+                return b"".join(parts)
 
     def request(self, ftype: protocol.FrameType, payload: bytes, op: str) -> protocol.Fields:
         """Send a request and wait for its reply; frames for streams are kept meanwhile.
