@@ -17,7 +17,7 @@ from virtcontainers.persist.records import ExitRecord, json_object
 from virtcontainers.persist.store import StateStore
 from virtcontainers.procfs import process_matches
 
-__all__ = ["SandboxInfo", "list_sandboxes", "warn_unreadable"]
+__all__ = ["SandboxInfo", "list_sandboxes", "sandbox_info", "warn_unreadable"]
 
 #: What ``vc ps`` says of a record that says the VM runs when its VMM is gone and nobody
 #: recorded its end (the process that owned it died with it, or the host rebooted).
@@ -90,6 +90,15 @@ def list_sandboxes(
             _sweep_network(doc)
         out.append(info)
     return out
+
+
+def sandbox_info(sandbox_id: str, store: StateStore | None = None) -> SandboxInfo:
+    """What ``vc ps`` shows of one sandbox, read from its record (no drivers, no asyncio).
+
+    Raises:
+        StoreError: no such sandbox, an invalid id, or an unreadable record.
+    """
+    return _info((store or StateStore()).load(sandbox_id))
 
 
 def _sweep_network(doc: SandboxDocument) -> None:

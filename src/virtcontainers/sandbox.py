@@ -55,6 +55,7 @@ from virtcontainers.listing import SandboxInfo, _info, list_sandboxes
 from virtcontainers.network import Attachment, NetworkSpec
 from virtcontainers.persist.document import SandboxDocument
 from virtcontainers.persist.hypervisor_state import HypervisorState
+from virtcontainers.persist.layout import CONSOLE_LOG
 from virtcontainers.persist.records import (
     AgentChannel,
     DeviceRecord,
@@ -603,7 +604,7 @@ class Sandbox:
     def logs(self) -> bytes:
         """The guest console so far (kernel messages, init, agent)."""
         try:
-            return (self.run_dir / "console.log").read_bytes()
+            return (self.run_dir / CONSOLE_LOG).read_bytes()
         except FileNotFoundError:
             return b""
 

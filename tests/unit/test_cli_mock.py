@@ -175,6 +175,28 @@ def test_control_commands_go_to_the_server_and_direct_once_it_died(vc: Cli) -> N
     assert sorted(cpu.name for cpu in sysfs.iterdir()) == ["cpu0"]
 
 
+def test_logs_reads_the_console_and_follows_it_to_the_end(vc: Cli) -> None:
+    vc.started("m1")
+    traced = {**vc.env, "PYTHONPROFILEIMPORTTIME": "1"}
+    out = subprocess.run([VC, "logs", "m1"], capture_output=True, env=traced, timeout=60,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0
+    console = vc.root / "vc" / "sandboxes" / "m1" / "console.log"
+    assert out.stdout == console.read_bytes()
+    assert b"virtcontainers.sandbox" not in out.stderr  # the record and the file only
+    follower = subprocess.Popen([VC, "logs", "-f", "m1"], stdout=subprocess.PIPE, env=vc.env)
+    try:
+        time.sleep(0.5)
+        assert follower.poll() is None, "a follower waits while the VM runs"
+        assert vc("stop", "m1").returncode == 0
+        followed, _ = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0
+    assert followed == console.read_bytes()
+    assert b"shutdown requested" in followed  # written as the VM ended
+
+
 def test_create_with_zero_cpus_is_a_usage_error(vc: Cli) -> None:
     line = _error(vc.create("z", "--cpus", "0"), code=2)
     assert "Invalid value for '--cpus': 0 is not in the range x>=1." in line

@@ -11,6 +11,7 @@ configs or rich (see bench/cli.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -131,20 +132,30 @@ def cp(source: str, dest: str, mode: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output.")
 def logs(sandbox_id: str, follow: bool) -> None:
     """Print the guest console (kernel, init and agent messages)."""
-    from virtcontainers.sandbox import Sandbox
+    from virtcontainers.listing import sandbox_info
+    from virtcontainers.persist.layout import CONSOLE_LOG
 
-    sandbox = _run(Sandbox.attach(sandbox_id))
-    path = sandbox.run_dir / "console.log"
-    offset = 0
-    while True:
-        data = path.read_bytes()[offset:] if path.exists() else b""
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        offset += len(data)
-        if not follow or not sandbox.info().state.live:
-            return
-        sandbox = _run(Sandbox.attach(sandbox_id))
-        time.sleep(0.2)
+    path = Path(sandbox_info(sandbox_id).run_dir) / CONSOLE_LOG
+    out = sys.stdout.buffer
+    log = None
+    try:
+        while True:
+            # Whether it still runs is asked before the read: what the VM wrote up to its
+            # end is printed before a follower stops.
+            live = follow and sandbox_info(sandbox_id).state.live
+            if log is None:
+                with contextlib.suppress(FileNotFoundError):
+                    log = path.open("rb")
+            if log is not None:
+                while chunk := log.read(1 << 16):
+                    out.write(chunk)
+                out.flush()
+            if not live:
+                return
+            time.sleep(0.2)
+    finally:
+        if log is not None:
+            log.close()
 
 
 @click.command()
@@ -250,8 +261,6 @@ def _served(
     Raises:
         what the server or ``direct`` raise, with their public classes.
     """
-    import contextlib
-
     from virtcontainers.cli.execution import connect
 
     connection = connect(sandbox_id, timeout=_CONTROL_TIMEOUT)

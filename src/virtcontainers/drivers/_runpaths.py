@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
+from virtcontainers.persist.layout import CONSOLE_LOG
+
 __all__ = ["InRunDir", "RunPaths"]
 
 
@@ -38,7 +40,7 @@ class RunPaths:
     run_dir: Path
 
     console = InRunDir("console.sock")
-    console_log = InRunDir("console.log")
+    console_log = InRunDir(CONSOLE_LOG)
     #: The VMM's stdout and stderr (drivers rename it).
     vmm_log = InRunDir("vmm.log")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from virtcontainers.deadline import Deadline, poll_until
 from virtcontainers.devices import SerialPort
 from virtcontainers.errors import LaunchError, VirtContainersError
+from virtcontainers.persist.layout import CONSOLE_LOG
 from virtcontainers.process import VmmProcess
 from virtcontainers.procfs import children_of
 
@@ -26,7 +27,6 @@ __all__ = ["MockGuest", "agent_socket"]
 
 AGENT_SOCKET = "mock-agent.sock"
 _SYSFS = "mock-sysfs"
-_CONSOLE_LOG = "console.log"
 _MEMORY_BLOCK_MB = 128
 
 
@@ -62,7 +62,7 @@ class MockGuest:
         try:
             argv[0] = str(await asyncio.to_thread(host_agent))
             sysfs.mkdir(mode=0o700, exist_ok=True)
-            process = await VmmProcess.spawn(argv, log_path=run_dir / _CONSOLE_LOG)
+            process = await VmmProcess.spawn(argv, log_path=run_dir / CONSOLE_LOG)
         except (OSError, VirtContainersError) as exc:
             why = f"cannot start the mock guest: {exc}"
             raise LaunchError(why, exit_code=None, argv=argv, log_tail="", driver="mock",
@@ -95,7 +95,7 @@ class MockGuest:
     @classmethod
     def adopt(cls, run_dir: Path, pid: int) -> MockGuest:
         """The guest another process started (check it with ``process_matches`` first)."""
-        return cls(run_dir, VmmProcess.adopt(pid, log_path=run_dir / _CONSOLE_LOG))
+        return cls(run_dir, VmmProcess.adopt(pid, log_path=run_dir / CONSOLE_LOG))
 
     def alive(self) -> bool:
         return self.process.alive()

@@ -15,6 +15,8 @@ from virtcontainers.errors import StoreError
 #: Environment variable that overrides the store's root directory.
 ROOT_ENV: Final = "VC_RUN_ROOT"
 SANDBOXES_DIR: Final = "sandboxes"
+#: The guest console's log in a sandbox's run dir (what `vc logs` prints).
+CONSOLE_LOG: Final = "console.log"
 
 ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 ID_RULE: Final = "1-64 characters from [A-Za-z0-9_.-], the first a letter or digit"
