@@ -148,6 +148,13 @@ def test_control_commands_go_to_the_server_and_direct_once_it_died(vc: Cli) -> N
     assert inside.read_bytes() == local.read_bytes()
     assert control("cp", f"m1:{inside}", str(back))[0].returncode == 0
     assert back.read_bytes() == local.read_bytes()
+    # Traced, the sandbox layer runs it (as a client of the server) and its span is there.
+    trace = vc.root / "trace.jsonl"
+    out, imported = control("--trace", str(trace), "cp", str(local), f"m1:{inside}")
+    assert out.returncode == 0, out.stderr
+    assert "virtcontainers.sandbox" in imported
+    names = {json.loads(line)["name"] for line in trace.read_text().splitlines()}
+    assert {"vc cp", "sandbox.write_file"} <= names, names
     out, _ = control("cp", f"m1:{vc.root}/nosuch", str(back))
     assert out.returncode == 1
     assert out.stderr == (

@@ -256,14 +256,17 @@ def _served(
 ) -> T:
     """``through`` the blocking client when the sandbox's server answers (no sandbox layer,
     drivers or asyncio are imported: most of such a command's cost), else ``direct`` on the
-    attached sandbox (the recovery path after its server died).
+    attached sandbox (the recovery path after its server died, and the traced path).
 
     Raises:
         what the server or ``direct`` raise, with their public classes.
     """
     from virtcontainers.cli.execution import connect
+    from virtcontainers.telemetry import export
 
-    connection = connect(sandbox_id, timeout=_CONTROL_TIMEOUT)
+    # Traced (`vc --trace`), the sandbox layer runs the command: its spans (sandbox.write_file,
+    # sandbox.pause, ...) are wanted, and it is a client of the server all the same.
+    connection = None if export.requested() else connect(sandbox_id, timeout=_CONTROL_TIMEOUT)
     if connection is None:
         got: list[T] = []
 
