@@ -204,6 +204,35 @@ def test_logs_reads_the_console_and_follows_it_to_the_end(vc: Cli) -> None:
     assert b"shutdown requested" in followed  # written as the VM ended
 
 
+def test_cp_into_directories_and_its_host_side_errors(vc: Cli) -> None:
+    vc.started("m1")
+    into, out_dir = vc.root / "into", vc.root / "out"
+    into.mkdir()
+    out_dir.mkdir()
+    local = vc.root / "app.py"
+    local.write_text("print('hi')\n")
+    # A guest path ending in / and a local directory take the file under its own name.
+    assert vc("cp", str(local), f"m1:{into}/").returncode == 0
+    assert (into / "app.py").read_text() == "print('hi')\n"
+    assert vc("cp", f"m1:{into}/app.py", str(out_dir)).returncode == 0
+    assert (out_dir / "app.py").read_text() == "print('hi')\n"
+    # What is wrong on the host side is a one-line ConfigError naming the path (it was a
+    # traceback), and nothing is written.
+    root, missing = vc.root, "No such file or directory"
+    octal = "is not an octal mode such as 644"
+    for argv, line in (
+        ((str(into), "m1:/tmp/x"), f"cannot read {into}: Is a directory"),
+        ((f"{root}/nosuch", "m1:/tmp/x"), f"cannot read {root}/nosuch: {missing}"),
+        ((f"m1:{local}", f"{root}/nodir/f"), f"cannot write {root}/nodir/f: {missing}"),
+        (("--mode", "9", str(local), f"m1:{into}/"), f"--mode '9' {octal}"),
+        (("--mode", "17777", str(local), f"m1:{into}/"), f"--mode '17777' {octal}"),
+    ):  # fmt: skip
+        assert _error(vc("cp", *argv)) == f"error: ConfigError: {line}"
+    assert sorted(p.name for p in into.iterdir()) == ["app.py"]
+    line = _error(vc("resize", "m1", "--cpus", "0"), code=2)
+    assert "Invalid value for '--cpus': 0 is not in the range x>=1." in line
+
+
 def test_create_with_zero_cpus_is_a_usage_error(vc: Cli) -> None:
     line = _error(vc.create("z", "--cpus", "0"), code=2)
     assert "Invalid value for '--cpus': 0 is not in the range x>=1." in line

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -108,10 +108,21 @@ def start(sandbox_id: str, timeout: float, as_json: bool) -> None:
 @click.argument("dest", help="ID:GUEST_PATH or LOCAL_PATH")
 @click.option("--mode", default="644", help="Octal mode for a file copied in.")
 def cp(source: str, dest: str, mode: str) -> None:
-    """Copy a file into (`vc cp f ID:/f`) or out of (`vc cp ID:/f f`) a running sandbox."""
+    """Copy a file into (`vc cp f ID:/f`) or out of (`vc cp ID:/f f`) a running sandbox.
+
+    A guest path ending in `/`, or a local directory, receives the file under its own name
+    (`vc cp app.py ID:/srv/`, `vc cp ID:/var/log/app.log .`)."""
     if ":" in dest and ":" not in source:
         sandbox_id, guest = dest.split(":", 1)
-        data, bits = Path(source).read_bytes(), int(mode, 8)
+        try:
+            bits = int(mode, 8)
+        except ValueError:
+            bits = -1
+        if not 0 <= bits <= 0o7777:
+            raise ConfigError(f"--mode {mode!r} is not an octal mode such as 644", field="--mode")
+        if guest.endswith("/"):  # into that directory, as docker cp
+            guest += Path(source).name
+        data = _host_file(source, lambda path: path.read_bytes(), "read")
         _served(
             sandbox_id,
             lambda server: server.write_file(guest, data, bits),
@@ -122,9 +133,20 @@ def cp(source: str, dest: str, mode: str) -> None:
         got = _served(
             sandbox_id, lambda server: server.read_file(guest), lambda s: s.read_file(guest)
         )
-        Path(dest).write_bytes(got)
+        if Path(dest).is_dir():  # into that directory, as docker cp
+            dest = str(Path(dest) / PurePosixPath(guest).name)
+        _host_file(dest, lambda path: path.write_bytes(got), "write")
     else:
         raise ConfigError("exactly one of SOURCE and DEST must be ID:PATH", field="cp")
+
+
+def _host_file(name: str, use: Callable[[Path], T], verb: str) -> T:
+    """``use(Path(name))``; an OSError (no such file, a directory, no permission) becomes a
+    ConfigError naming the host path."""
+    try:
+        return use(Path(name))
+    except OSError as exc:
+        raise ConfigError(f"cannot {verb} {name}: {exc.strerror or exc}", field="cp") from exc
 
 
 @click.command()
@@ -199,8 +221,8 @@ def hotplug(sandbox_id: str, disk: Path, read_only: bool, as_json: bool) -> None
 
 @click.command()
 @sandbox_id_argument
-@click.option("--cpus", type=int, help="vCPUs wanted.")
-@click.option("--memory", type=int, help="Memory wanted, MiB (grow only).")
+@click.option("--cpus", type=click.IntRange(min=1), help="vCPUs wanted.")
+@click.option("--memory", type=click.IntRange(min=1), help="Memory wanted, MiB (grow only).")
 @json_option
 def resize(sandbox_id: str, cpus: int | None, memory: int | None, as_json: bool) -> None:
     """Change a running sandbox's vCPUs (up or down) or memory (up, in 128 MiB blocks)."""
