@@ -204,7 +204,7 @@ def test_logs_reads_the_console_and_follows_it_to_the_end(vc: Cli) -> None:
     assert b"shutdown requested" in followed  # written as the VM ended
 
 
-def test_cp_into_directories_and_its_host_side_errors(vc: Cli) -> None:
+def test_cp_into_directories_and_bad_host_side_input(vc: Cli) -> None:
     vc.started("m1")
     into, out_dir = vc.root / "into", vc.root / "out"
     into.mkdir()
@@ -229,6 +229,9 @@ def test_cp_into_directories_and_its_host_side_errors(vc: Cli) -> None:
     ):  # fmt: skip
         assert _error(vc("cp", *argv)) == f"error: ConfigError: {line}"
     assert sorted(p.name for p in into.iterdir()) == ["app.py"]
+    line = _error(vc("hotplug", "m1", "--disk", f"{root}/nosuch.img"), code=2)
+    assert f"Invalid value for '--disk': File '{root}/nosuch.img' does not exist." in line
+    assert vc.ps()["m1"]["devices"] == []
     line = _error(vc("resize", "m1", "--cpus", "0"), code=2)
     assert "Invalid value for '--cpus': 0 is not in the range x>=1." in line
 

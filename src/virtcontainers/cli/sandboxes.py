@@ -197,7 +197,7 @@ def resume(sandbox_id: str) -> None:
 @click.command()
 @sandbox_id_argument
 @click.option(
-    "--disk", type=click.Path(path_type=Path), required=True,
+    "--disk", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
     help="Host file or block device to plug.",
 )  # fmt: skip
 @click.option("--read-only", is_flag=True, help="Plug it read-only.")
