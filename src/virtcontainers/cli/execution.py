@@ -46,13 +46,13 @@ def plain_env(env: dict[str, str] | None) -> dict[str, str] | None:
     return {"PATH": GUEST_PATH, **env} if env else None
 
 
-class ExecHow:
+class ExecHow(NamedTuple):
     """The environment, working directory and ids an exec gets (image defaults applied)."""
 
-    def __init__(
-        self, env: dict[str, str] | None, cwd: str | None, uid: int | None, gid: int | None
-    ) -> None:
-        self.env, self.cwd, self.uid, self.gid = env, cwd, uid, gid
+    env: dict[str, str] | None
+    cwd: str | None
+    uid: int | None
+    gid: int | None
 
 
 class ExecCall(NamedTuple):
