@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from virtcontainers.agent.client import AgentClient, ExecProcess, ExecResult
+from virtcontainers.agent.protocol import ExecSpec
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.config.serialize import config_from_dict, config_to_dict
 from virtcontainers.deadline import Deadline, poll_until
@@ -547,10 +548,8 @@ class Sandbox:
             ConfigError: ``user`` is not in the image's /etc/passwd or /etc/group.
         """
         env, cwd, uid, gid = exec_defaults(self._image, env, cwd, uid, gid, user)
-        agent = await self._connect_agent()
-        return await agent.exec(
-            list(argv), env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin, timeout=timeout
-        )
+        spec = ExecSpec(list(argv), env, cwd, uid, gid, timeout=timeout)
+        return await (await self._connect_agent()).exec(spec, stdin=stdin)
 
     @traced("sandbox.exec_stream", _command)
     async def exec_stream(
@@ -588,10 +587,8 @@ class Sandbox:
             from virtcontainers.agent.protocol import Tag, tlv
 
             extra.append(tlv(Tag.KEEP, 1, 1))
-        return await agent.exec_stream(
-            list(argv), env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout,
-            tty_size=tty_size, extra_items=extra,
-        )  # fmt: skip
+        spec = ExecSpec(list(argv), env, cwd, uid, gid, tty=tty, tty_size=tty_size, timeout=timeout)
+        return await agent.exec_stream(spec, extra_items=extra)
 
     @traced("sandbox.write_file", _file)
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:

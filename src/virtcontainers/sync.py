@@ -5,6 +5,9 @@ never nest ``asyncio.run`` and one sandbox's connections stay on one loop::
 
     with SyncSandbox.create(config) as sb:
         print(sb.exec(["uname", "-r"]).stdout)
+
+Its methods are :class:`Sandbox`'s, made blocking, with the same signatures (by
+construction: a new argument of :meth:`Sandbox.create` is one of ``SyncSandbox.create``).
 """
 
 from __future__ import annotations
@@ -12,17 +15,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
-from virtcontainers.config import HypervisorConfig
-from virtcontainers.devices import ColdPlugDevice
-from virtcontainers.hypervisor import HypervisorType
-from virtcontainers.images.store import StoredImage
 from virtcontainers.lifecycle import VmState
-from virtcontainers.network import NetworkSpec
-from virtcontainers.persist.store import StateStore
 from virtcontainers.sandbox import Sandbox, SandboxInfo
 
 __all__ = ["SyncSandbox"]
@@ -58,53 +55,35 @@ def _blocking(
     return blocking
 
 
+def _blocking_opener(
+    opener: Callable[P, Coroutine[object, object, Sandbox]],
+) -> Callable[P, SyncSandbox]:
+    """``opener`` (:meth:`Sandbox.create`, :meth:`Sandbox.attach`), its sandbox handed to a
+    facade with a loop thread of its own."""
+
+    @functools.wraps(opener)
+    def open_blocking(*args: P.args, **kwargs: P.kwargs) -> SyncSandbox:
+        return SyncSandbox._on_new_loop(opener(*args, **kwargs))
+
+    return open_blocking
+
+
 class SyncSandbox:
     """Blocking twin of :class:`Sandbox`: same methods, same errors."""
 
-    def __init__(self, loop: _LoopThread, sandbox: Sandbox, *, server: bool = False) -> None:
+    def __init__(self, loop: _LoopThread, sandbox: Sandbox) -> None:
         self._loop = loop
         self._sandbox = sandbox
-        self._server = server
 
     @classmethod
-    def create(
-        cls,
-        config: HypervisorConfig,
-        *,
-        id: str | None = None,
-        hypervisor: HypervisorType | str = HypervisorType.QEMU,
-        devices: Sequence[ColdPlugDevice] = (),
-        store: StateStore | None = None,
-        server: bool = False,
-        network: NetworkSpec | None = None,
-        image: str | StoredImage | None = None,
-        disk_size_mb: int = 0,
-    ) -> SyncSandbox:
-        """Record a new sandbox; ``server``: ``with`` starts it in an ephemeral sandbox
-        server (removed when this process ends, however it ends) instead of in-process.
-        ``image``: an OCI image to run in (see :meth:`Sandbox.create`)."""
-        made = Sandbox.create(
-            config, id=id, hypervisor=hypervisor, devices=devices, store=store,
-            network=network, image=image, disk_size_mb=disk_size_mb,
-        )  # fmt: skip
-        return cls._on_new_loop(made, server=server)
-
-    @classmethod
-    def attach(cls, id: str, *, store: StateStore | None = None) -> SyncSandbox:
-        """See :meth:`Sandbox.attach`."""
-        return cls._on_new_loop(Sandbox.attach(id, store=store))
-
-    @classmethod
-    def _on_new_loop(
-        cls, opening: Coroutine[object, object, Sandbox], *, server: bool = False
-    ) -> SyncSandbox:
+    def _on_new_loop(cls, opening: Coroutine[object, object, Sandbox]) -> SyncSandbox:
         loop = _LoopThread()
         try:
             sandbox = loop.run(opening)
         except BaseException:
             loop.close()
             raise
-        return cls(loop, sandbox, server=server)
+        return cls(loop, sandbox)
 
     @property
     def id(self) -> str:
@@ -117,6 +96,8 @@ class SyncSandbox:
         return self._sandbox.logs()
 
     # The blocking twins: same arguments, same documentation, same errors.
+    create = staticmethod(_blocking_opener(Sandbox.create))
+    attach = staticmethod(_blocking_opener(Sandbox.attach))
     start = _blocking(Sandbox.start)
     exec = _blocking(Sandbox.exec)
     write_file = _blocking(Sandbox.write_file)
@@ -137,8 +118,11 @@ class SyncSandbox:
             self._loop.close()
 
     def __enter__(self) -> SyncSandbox:
+        """Starts the sandbox in this process if it is still created (to run it in a sandbox
+        server instead, call ``start(server=True, ephemeral=True)`` first); ``__exit__``
+        removes it."""
         if self.info().state is VmState.CREATED:
-            self.start(server=self._server, ephemeral=self._server)
+            self.start()
         return self
 
     def __exit__(

@@ -282,7 +282,9 @@ def test_sync_facade_as_a_client_of_an_ephemeral_server(
     cfg = HypervisorConfig()
     cfg.boot.kernel_path, cfg.boot.initrd_path = str(guest_image.kernel), str(guest_image.initrd)
     cfg.resources.memory_size = 512
-    with SyncSandbox.create(cfg, server=True) as sb:
+    sb = SyncSandbox.create(cfg)
+    sb.start(server=True, ephemeral=True)
+    with sb:
         assert sb.info().server == "running"
         other = SyncSandbox.attach(sb.id)  # another client of the same server
         try:

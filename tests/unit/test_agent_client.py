@@ -32,6 +32,7 @@ from virtcontainers.agent import (
     PROTOCOL_MINOR,
     AgentClient,
     AgentRequestError,
+    ExecSpec,
     Stream,
     connect_unix,
 )
@@ -185,9 +186,11 @@ async def test_killed_by_signal(client: AgentClient) -> None:
 
 
 async def test_env_replaces_environment_and_cwd(client: AgentClient, tmp_path: Path) -> None:
-    res = await client.exec(["env"], env={"FOO": "bar baz", "X": ""})
+    res = await client.exec(ExecSpec(["env"], env={"FOO": "bar baz", "X": ""}))
     assert sorted(res.stdout.decode().splitlines()) == ["FOO=bar baz", "X="]
-    res = await client.exec(["sh", "-c", 'echo "$FOO"; pwd'], env={"FOO": "v"}, cwd=str(tmp_path))
+    res = await client.exec(
+        ExecSpec(["sh", "-c", 'echo "$FOO"; pwd'], env={"FOO": "v"}, cwd=str(tmp_path))
+    )
     assert res.stdout.decode().splitlines() == ["v", str(tmp_path)]
 
 
@@ -197,7 +200,7 @@ async def test_exec_failures_are_request_errors(client: AgentClient, tmp_path: P
     assert info.value.code == ErrorCode.EXEC
     assert info.value.errno == errno.ENOENT
     with pytest.raises(AgentRequestError, match="chdir") as info:
-        await client.exec(["true"], cwd=str(tmp_path / "missing"))
+        await client.exec(ExecSpec(["true"], cwd=str(tmp_path / "missing")))
     assert info.value.errno == errno.ENOENT
     with pytest.raises(ConfigError, match="empty"):
         await client.exec([])
@@ -210,15 +213,15 @@ async def test_exec_failures_are_request_errors(client: AgentClient, tmp_path: P
         (lambda c, d: c.exec([]), "argv"),
         (lambda c, d: c.exec_stream([]), "argv"),
         (lambda c, d: c.exec(["echo", "a\0b"]), "argv"),
-        (lambda c, d: c.exec(["true"], env={"K\0": "v"}), "env"),
-        (lambda c, d: c.exec(["true"], env={"K": "v\0"}), "env"),
-        (lambda c, d: c.exec(["true"], env={"A=B": "v"}), "env"),
-        (lambda c, d: c.exec(["true"], env={"": "v"}), "env"),
-        (lambda c, d: c.exec(["true"], cwd=f"{d}\0x"), "cwd"),
+        (lambda c, d: c.exec(ExecSpec(["true"], env={"K\0": "v"})), "env"),
+        (lambda c, d: c.exec(ExecSpec(["true"], env={"K": "v\0"})), "env"),
+        (lambda c, d: c.exec(ExecSpec(["true"], env={"A=B": "v"})), "env"),
+        (lambda c, d: c.exec(ExecSpec(["true"], env={"": "v"})), "env"),
+        (lambda c, d: c.exec(ExecSpec(["true"], cwd=f"{d}\0x")), "cwd"),
         (lambda c, d: c.exec(["echo", "\udcff"]), "argv"),
-        (lambda c, d: c.exec(["true"], uid=-1), "uid"),
-        (lambda c, d: c.exec(["true"], gid=2**32), "gid"),
-        (lambda c, d: c.exec(["true"], timeout=-1), "timeout"),
+        (lambda c, d: c.exec(ExecSpec(["true"], uid=-1)), "uid"),
+        (lambda c, d: c.exec(ExecSpec(["true"], gid=2**32)), "gid"),
+        (lambda c, d: c.exec(ExecSpec(["true"], timeout=-1)), "timeout"),
         (lambda c, d: c.write_file(f"{d}/a\0b", b"x"), "path"),
         (lambda c, d: c.write_file(f"{d}/a", b"x", mode=-1), "mode"),
         (lambda c, d: c.read_file(f"{d}/a\0b"), "path"),
@@ -243,16 +246,23 @@ async def test_bad_request_input_is_a_config_error(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setuid needs root")
 async def test_uid_gid(client: AgentClient) -> None:
-    res = await client.exec(["sh", "-c", "id -u; id -g; id -G"], uid=65534, gid=65534)
+    res = await client.exec(ExecSpec(["sh", "-c", "id -u; id -g; id -G"], uid=65534, gid=65534))
     assert res.stdout.decode().split() == ["65534", "65534", "65534"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setgroups/setuid need root")
 async def test_groups_rlimits_and_umask_since_1_3(client: AgentClient) -> None:
     proc = await client.exec_stream(
-        ["sh", "-c", "id -G; ulimit -Sn; ulimit -Hn; umask"], uid=65534, gid=65534,
-        groups=[1234, 5], rlimits=[(7, 100, 200)], umask=0o027, no_stdin=True,
-    )  # fmt: skip
+        ExecSpec(
+            ["sh", "-c", "id -G; ulimit -Sn; ulimit -Hn; umask"],
+            uid=65534,
+            gid=65534,
+            groups=[1234, 5],
+            rlimits=[(7, 100, 200)],
+            umask=0o027,
+        ),
+        no_stdin=True,
+    )
     out = b"".join([data async for _stream, data in proc])
     assert (await proc.wait()).exit_code == 0
     groups, limits = out.decode().splitlines()[0].split(), out.decode().split()[3:]
@@ -260,10 +270,12 @@ async def test_groups_rlimits_and_umask_since_1_3(client: AgentClient) -> None:
     assert sorted(groups[1:]) == ["1234", "5"]
     assert limits == ["100", "200", "0027"]
     with pytest.raises(AgentRequestError, match="setrlimit") as info:
-        await client.exec_stream(["true"], rlimits=[(7, 10, 5)])  # soft above hard: EINVAL
+        await client.exec_stream(
+            ExecSpec(["true"], rlimits=[(7, 10, 5)])
+        )  # soft above hard: EINVAL
     assert info.value.code == ErrorCode.EXEC
     with pytest.raises(ConfigError, match="supplementary groups need a gid"):
-        await client.exec_stream(["true"], groups=[1])
+        await client.exec_stream(ExecSpec(["true"], groups=[1]))
 
 
 async def test_write_file_parents_since_1_3(client: AgentClient, tmp_path: Path) -> None:
@@ -305,7 +317,7 @@ async def test_mount_since_1_3(client: AgentClient, tmp_path: Path) -> None:
 
 async def test_stdin_round_trip_10mib(client: AgentClient) -> None:
     data = random.Random(1).randbytes(10 << 20)
-    res = await client.exec(["cat"], stdin=data, timeout=60)
+    res = await client.exec(ExecSpec(["cat"], timeout=60), stdin=data)
     assert res.exit_code == 0
     assert len(res.stdout) == len(data)
     assert zlib.crc32(res.stdout) == zlib.crc32(data)
@@ -318,7 +330,7 @@ async def test_large_output_and_stdin_to_a_process_that_does_not_read(
     res = await client.exec(["head", "-c", str(8 << 20), "/dev/zero"])
     assert res.stdout == bytes(8 << 20)
     # `true` never reads stdin: the agent must credit the dropped bytes back, not stall
-    res = await client.exec(["true"], stdin=bytes(3 << 20), timeout=30)
+    res = await client.exec(ExecSpec(["true"], timeout=30), stdin=bytes(3 << 20))
     assert res.exit_code == 0
 
 
@@ -364,7 +376,7 @@ async def test_twenty_concurrent_execs_do_not_mix(client: AgentClient) -> None:
 async def test_timeout_kills_the_process_group(client: AgentClient) -> None:
     start = time.monotonic()
     proc = await client.exec_stream(
-        ["sh", "-c", "sleep 30 & echo $!; wait"], timeout=0.5, no_stdin=True
+        ExecSpec(["sh", "-c", "sleep 30 & echo $!; wait"], timeout=0.5), no_stdin=True
     )
     first = b""
     async for _stream, chunk in proc:
@@ -398,13 +410,14 @@ async def test_signal(client: AgentClient) -> None:
 
 
 async def test_tty(client: AgentClient) -> None:
-    res = await client.exec(["tty"], tty=True)
+    res = await client.exec(ExecSpec(["tty"], tty=True))
     assert res.exit_code == 0
     assert res.stdout.startswith(b"/dev/pts/")
-    res = await client.exec(["sh", "-c", "stty size; read x; echo got:$x"], tty=True,
-                            stdin=b"hi\n")  # fmt: skip
+    res = await client.exec(
+        ExecSpec(["sh", "-c", "stty size; read x; echo got:$x"], tty=True), stdin=b"hi\n"
+    )
     assert b"got:hi" in res.stdout
-    proc = await client.exec_stream(["stty", "size"], tty=True, tty_size=(33, 111))
+    proc = await client.exec_stream(ExecSpec(["stty", "size"], tty=True, tty_size=(33, 111)))
     assert b"".join([c async for _s, c in proc]).strip() == b"33 111"
 
 
@@ -746,10 +759,10 @@ async def test_agent_under_valgrind(tmp_path: Path) -> None:
         try:
             res = await c.exec(["cat"], stdin=random.Random(4).randbytes(1 << 20))
             assert len(res.stdout) == 1 << 20
-            assert (await c.exec(["tty"], tty=True)).stdout.startswith(b"/dev/pts/")
+            assert (await c.exec(ExecSpec(["tty"], tty=True))).stdout.startswith(b"/dev/pts/")
             await c.write_file(str(tmp_path / "f"), b"y" * 100_000, 0o600)
             assert len(await c.read_file(str(tmp_path / "f"))) == 100_000
-            await c.exec(["sleep", "5"], timeout=0.2)
+            await c.exec(ExecSpec(["sleep", "5"], timeout=0.2))
             with pytest.raises(AgentRequestError):
                 await c.exec(["/nonexistent"])
             await c.shutdown()

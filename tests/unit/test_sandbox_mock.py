@@ -19,11 +19,13 @@ import pytest
 
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.errors import AgentError, LaunchError, StateError, StoreError
+from virtcontainers.images import ImageStore
 from virtcontainers.lifecycle import VmState
 from virtcontainers.listing import GONE, list_sandboxes
 from virtcontainers.persist import StateStore
 from virtcontainers.procfs import process_matches, processes_mentioning
 from virtcontainers.sandbox import Sandbox
+from virtcontainers.sync import SyncSandbox
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the agent")
 
@@ -200,6 +202,27 @@ async def test_the_sandbox_server_records_how_the_guest_died(
         assert ended.time is not None
     finally:
         await sb.remove()
+    assert store.list() == []
+
+
+def test_sync_facade_takes_every_create_argument_and_serves(
+    config: HypervisorConfig, store: StateStore, root: Path
+) -> None:
+    # The hand-written twin lacked image_store and tls_verify (a TypeError here); it is now
+    # Sandbox.create itself, made blocking.
+    sb = SyncSandbox.create(
+        config, id="sync", hypervisor="mock", store=store,
+        image_store=ImageStore(root / "images"), tls_verify=False,
+    )  # fmt: skip
+    sb.start(server=True, ephemeral=True, timeout=60)
+    with sb:
+        assert sb.info().server == "running"
+        other = SyncSandbox.attach("sync", store=store)  # a second client of its server
+        try:
+            assert other.exec(["echo", "from", "the", "other"]).stdout == b"from the other\n"
+        finally:
+            other.close()
+        assert sb.exec(["cat"], stdin=b"mine").stdout == b"mine"
     assert store.list() == []
 
 

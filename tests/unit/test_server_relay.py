@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_agent_client import Agent, agent_binary, start_agent  # noqa: F401
-from virtcontainers.agent import AgentRequestError, Stream, connect_unix
+from virtcontainers.agent import AgentRequestError, ExecSpec, Stream, connect_unix
 from virtcontainers.errors import AgentError, ConfigError, StateError
 from virtcontainers.server import wire
 from virtcontainers.server.client import KEEP, ServerClient
@@ -252,7 +252,7 @@ async def test_resize_sets_the_window_size_of_a_tty_exec(relay: Relay) -> None:
     a = await relay.internal_client(ServerClient)
     try:
         proc = await a.exec_stream(
-            ["sh", "-c", "stty size; read x; stty size"], tty=True, tty_size=(24, 80)
+            ExecSpec(["sh", "-c", "stty size; read x; stty size"], tty=True, tty_size=(24, 80))
         )
         seen = b""
         async for _, data in proc:

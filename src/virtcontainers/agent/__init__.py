@@ -26,7 +26,7 @@ if TYPE_CHECKING:
         Stream,
         VersionInfo,
     )
-    from virtcontainers.agent.protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR
+    from virtcontainers.agent.protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR, ExecSpec
     from virtcontainers.agent.transport import (
         connect_hybrid_vsock,
         connect_unix,
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROTOCOL_MAJOR", "PROTOCOL_MINOR", "AgentClient", "AgentRequestError", "ExecProcess",
-    "ExecResult", "ExitStatus", "Stream", "VersionInfo", "connect_hybrid_vsock",
+    "ExecResult", "ExecSpec", "ExitStatus", "Stream", "VersionInfo", "connect_hybrid_vsock",
     "connect_unix", "connect_vsock",
 ]  # fmt: skip
 
@@ -44,7 +44,7 @@ _HOMES = {
         "AgentClient", "AgentRequestError", "ExecProcess", "ExecResult", "ExitStatus",
         "Stream", "VersionInfo",
     ),
-    "virtcontainers.agent.protocol": ("PROTOCOL_MAJOR", "PROTOCOL_MINOR"),
+    "virtcontainers.agent.protocol": ("PROTOCOL_MAJOR", "PROTOCOL_MINOR", "ExecSpec"),
     "virtcontainers.agent.transport": ("connect_hybrid_vsock", "connect_unix", "connect_vsock"),
 }  # fmt: skip
 __getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)

@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
@@ -32,6 +32,7 @@ from virtcontainers.agent.protocol import (
     PROTOCOL_MAJOR,
     SYNC_PREAMBLE,
     AgentRequestError,
+    ExecSpec,
     ExitStatus,
     Fields,
     Flag,
@@ -42,7 +43,6 @@ from virtcontainers.agent.protocol import (
     Tag,
     encode_frame,
     error_reply,
-    exec_request,
     exit_status,
     incompatible,
     path_item,
@@ -323,34 +323,24 @@ class AgentClient:
         return info
 
     async def exec(
-        self,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        tty: bool = False,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
+        self, command: ExecSpec | Sequence[str], *, stdin: bytes | None = None
     ) -> ExecResult:
-        """Run ``argv`` to completion and collect its output.
+        """Run ``command`` (an :class:`ExecSpec`, or a bare argv) to completion and collect
+        its output; ``stdin`` is written to it, then closed (``None``: no stdin at all).
 
-        ``env`` replaces the environment (``None``: the agent's own); ``timeout`` makes the
-        agent SIGKILL the process group after that many seconds (then ``timed_out`` is set).
-        With ``tty=True`` stdout and stderr arrive merged as stdout.
+        With ``tty`` stdout and stderr arrive merged as stdout; with ``timeout`` the agent
+        SIGKILLs the process group after that many seconds (then ``timed_out`` is set).
         Raises ``AgentRequestError`` when the program cannot be started, ``AgentError`` when
         the connection fails or the exit is not reported in time, ``ConfigError`` for input
         that cannot be sent (see the module docstring).
         """
-        proc = await self.exec_stream(
-            argv, env=env, cwd=cwd, uid=uid, gid=gid, tty=tty, timeout=timeout,
-            no_stdin=stdin is None,
-        )  # fmt: skip
+        spec = ExecSpec.of(command)
+        proc = await self.exec_stream(spec, no_stdin=stdin is None)
         out: dict[Stream, bytearray] = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
         feeder: asyncio.Task[None] | None = None
         if stdin is not None:
             feeder = asyncio.create_task(_feed(proc, stdin), name=f"agent-stdin-{proc.exec_id}")
-        limit = None if timeout is None else timeout + self._timeout
+        limit = None if spec.timeout is None else spec.timeout + self._timeout
         try:
             async with asyncio.timeout(limit):
                 async for stream, chunk in proc:
@@ -359,7 +349,7 @@ class AgentClient:
                 if feeder is not None:
                     await feeder
         except TimeoutError:
-            raise AgentError(f"exec {argv[0]!r}: no exit after {limit:g} s") from None
+            raise AgentError(f"{spec.what}: no exit after {limit:g} s") from None
         finally:
             if feeder is not None and not feeder.done():
                 feeder.cancel()
@@ -376,38 +366,24 @@ class AgentClient:
 
     async def exec_stream(
         self,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        tty: bool = False,
-        timeout: float | None = None,
+        command: ExecSpec | Sequence[str],
         *,
         no_stdin: bool = False,
-        tty_size: tuple[int, int] | None = None,
         request_timeout: float | None = None,
         extra_items: Sequence[tuple[int, bytes]] = (),
-        groups: Sequence[int] = (),
-        rlimits: Sequence[tuple[int, int, int]] = (),
-        umask: int | None = None,
     ) -> ExecProcess:
-        """Start ``argv`` and return at once with an :class:`ExecProcess`.
+        """Start ``command`` (an :class:`ExecSpec`, or a bare argv) and return at once with an
+        :class:`ExecProcess`.
 
-        ``no_stdin`` starts it with stdin already closed. ``tty_size`` is ``(rows, cols)``.
-        ``extra_items``: more TLV items for the request (e.g. the sandbox server's KEEP).
-        Since protocol 1.3: ``groups`` (supplementary groups, with ``gid``), ``rlimits``
-        (``(resource number, soft, hard)``, set in the guest before setuid), ``umask``.
+        ``no_stdin`` starts it with stdin already closed. ``extra_items``: more TLV items for
+        the request (e.g. the sandbox server's KEEP).
 
         Raises:
-            ConfigError: input the wire cannot carry (names the argument).
+            ConfigError: input the wire cannot carry (names the field).
             AgentRequestError: the agent refused (EXEC: the failing step and errno).
         """
-        payload = exec_request(
-            argv, env, cwd, uid, gid, tty, timeout,
-            no_stdin=no_stdin, tty_size=tty_size, extra_items=extra_items,
-            groups=groups, rlimits=rlimits, umask=umask,
-        )  # fmt: skip
+        spec = ExecSpec.of(command)
+        payload = spec.request(no_stdin=no_stdin, extra_items=extra_items)
         started: list[ExecProcess] = []
 
         def register(fields: Fields) -> None:
@@ -416,7 +392,7 @@ class AgentClient:
             self._procs[proc.exec_id] = proc
             started.append(proc)
 
-        await self._call(FrameType.EXEC, payload, f"exec {argv[0]!r}", request_timeout, register)
+        await self._call(FrameType.EXEC, payload, spec.what, request_timeout, register)
         return started[0]
 
     async def signal(

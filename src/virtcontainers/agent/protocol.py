@@ -35,6 +35,7 @@ __all__ = [
     "PROTOCOL_MINOR",
     "SYNC_PREAMBLE",
     "ErrorCode",
+    "ExecSpec",
     "ExitStatus",
     "Fields",
     "Flag",
@@ -45,7 +46,6 @@ __all__ = [
     "Tag",
     "encode_frame",
     "error_reply",
-    "exec_request",
     "exit_status",
     "incompatible",
     "path_item",
@@ -367,64 +367,111 @@ def uint_item(tag: Tag, field: str, value: int, width: int) -> tuple[int, bytes]
     return tlv(tag, int(value), width)
 
 
-def exec_request(
-    argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
-    uid: int | None = None, gid: int | None = None, tty: bool = False,
-    timeout: float | None = None, *, no_stdin: bool = False,
-    tty_size: tuple[int, int] | None = None, extra_items: Sequence[tuple[int, bytes]] = (),
-    groups: Sequence[int] = (), rlimits: Sequence[tuple[int, int, int]] = (),
-    umask: int | None = None,
-) -> bytes:  # fmt: skip
-    """The payload of an EXEC request (``AgentClient.exec_stream`` documents the arguments).
+@dataclass(frozen=True, slots=True)
+class ExecSpec:
+    """What an EXEC request runs and how: the OCI ``process`` as the agent takes it. Every
+    exec goes through one (the async and blocking clients, the sandbox, the OCI runtime), so
+    a new option is added here once, and ``request`` checks it once.
 
-    Raises:
-        ConfigError: input the wire cannot carry (an empty argv, NUL or non-UTF-8 text,
-            integers out of range, a non-positive timeout), naming the argument.
+    ``env`` replaces the whole environment (``None``: the agent's own). ``timeout``: the
+    agent SIGKILLs the process group after that many seconds. ``tty_size`` is ``(rows,
+    cols)`` of the pty (with ``tty``). Since protocol 1.3: ``groups`` (supplementary groups,
+    with ``gid``), ``rlimits`` (``(resource number, soft, hard)``, set in the guest before
+    setuid), ``umask``.
     """
-    if not argv:
-        raise ConfigError("argv must not be empty: name the program to run", field="argv")
-    items = [text_item(Tag.ARG, "argv", a) for a in argv]
-    if env is not None:
-        items.append(tlv(Tag.CLEAR_ENV, 1, 1))
-        for key, value in env.items():
+
+    argv: Sequence[str]
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    groups: Sequence[int] = ()
+    rlimits: Sequence[tuple[int, int, int]] = ()
+    umask: int | None = None
+    tty: bool = False
+    tty_size: tuple[int, int] | None = None
+    timeout: float | None = None
+
+    @classmethod
+    def of(cls, command: ExecSpec | Sequence[str]) -> ExecSpec:
+        """``command`` itself, or a bare argv run with the agent's defaults."""
+        return command if isinstance(command, ExecSpec) else cls(command)
+
+    @property
+    def what(self) -> str:
+        """How errors name the request: ``exec 'PROGRAM'``."""
+        return f"exec {self.argv[0]!r}" if self.argv else "exec"
+
+    def request(
+        self, *, no_stdin: bool = False, extra_items: Sequence[tuple[int, bytes]] = ()
+    ) -> bytes:
+        """The payload of the EXEC request. ``no_stdin`` starts the process with stdin
+        already closed; ``extra_items`` are more TLV items (the sandbox server's KEEP).
+
+        Raises:
+            ConfigError: input the wire cannot carry (an empty argv, NUL or non-UTF-8 text,
+                integers out of range, a non-positive timeout), naming the field.
+        """
+        if not self.argv:
+            raise ConfigError("argv must not be empty: name the program to run", field="argv")
+        items = [text_item(Tag.ARG, "argv", a) for a in self.argv]
+        items += self._environment()
+        if self.cwd is not None:
+            items.append(text_item(Tag.CWD, "cwd", self.cwd))
+        if self.uid is not None:
+            items.append(uint_item(Tag.UID, "uid", self.uid, 4))
+        if self.gid is not None:
+            items.append(uint_item(Tag.GID, "gid", self.gid, 4))
+        if self.tty:
+            items.append(tlv(Tag.TTY, 1, 1))
+            if self.tty_size is not None:
+                items.append(uint_item(Tag.ROWS, "tty_size", self.tty_size[0], 4))
+                items.append(uint_item(Tag.COLS, "tty_size", self.tty_size[1], 4))
+        if self.timeout is not None:
+            if not self.timeout > 0:
+                raise ConfigError(
+                    f"timeout must be positive, got {self.timeout!r}", field="timeout"
+                )
+            items.append(
+                uint_item(Tag.TIMEOUT_MS, "timeout", max(1, round(self.timeout * 1000)), 4)
+            )
+        if no_stdin:
+            items.append(tlv(Tag.NO_STDIN, 1, 1))
+        items += self._credentials()
+        if self.umask is not None:
+            items.append(uint_item(Tag.UMASK, "umask", self.umask, 4))
+        return tlv_encode([*items, *extra_items])
+
+    def _environment(self) -> list[tuple[int, bytes]]:
+        if self.env is None:
+            return []
+        items = [tlv(Tag.CLEAR_ENV, 1, 1)]
+        for key, value in self.env.items():
             if not key or "=" in key:
                 raise ConfigError(
                     f"environment variable name {key!r} must be non-empty and without '='",
                     field="env",
                 )
             items.append(text_item(Tag.ENV, "env", f"{key}={value}"))
-    if cwd is not None:
-        items.append(text_item(Tag.CWD, "cwd", cwd))
-    if uid is not None:
-        items.append(uint_item(Tag.UID, "uid", uid, 4))
-    if gid is not None:
-        items.append(uint_item(Tag.GID, "gid", gid, 4))
-    if tty:
-        items.append(tlv(Tag.TTY, 1, 1))
-        if tty_size is not None:
-            items += [uint_item(Tag.ROWS, "tty_size", tty_size[0], 4)]
-            items += [uint_item(Tag.COLS, "tty_size", tty_size[1], 4)]
-    if timeout is not None:
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive, got {timeout!r}", field="timeout")
-        items.append(uint_item(Tag.TIMEOUT_MS, "timeout", max(1, round(timeout * 1000)), 4))
-    if no_stdin:
-        items.append(tlv(Tag.NO_STDIN, 1, 1))
-    if groups:
-        if gid is None:
-            raise ConfigError("supplementary groups need a gid", field="groups")
-        for g in groups:
-            uint_item(Tag.GID, "groups", g, 4)  # range check
-        items.append(text_item(Tag.GROUPS, "groups", ",".join(str(int(g)) for g in groups)))
-    if rlimits:
-        for res, soft, hard in rlimits:
-            for number in (res, soft, hard):
-                uint_item(Tag.OFFSET, "rlimits", number, 8)  # range check
-        text = ",".join(f"{r}:{s}:{h}" for r, s, h in rlimits)
-        items.append(text_item(Tag.RLIMITS, "rlimits", text))
-    if umask is not None:
-        items.append(uint_item(Tag.UMASK, "umask", umask, 4))
-    return tlv_encode([*items, *extra_items])
+        return items
+
+    def _credentials(self) -> list[tuple[int, bytes]]:
+        """The 1.3 items: supplementary groups and rlimits, range-checked."""
+        items: list[tuple[int, bytes]] = []
+        if self.groups:
+            if self.gid is None:
+                raise ConfigError("supplementary groups need a gid", field="groups")
+            for g in self.groups:
+                uint_item(Tag.GID, "groups", g, 4)  # range check
+            text = ",".join(str(int(g)) for g in self.groups)
+            items.append(text_item(Tag.GROUPS, "groups", text))
+        if self.rlimits:
+            for res, soft, hard in self.rlimits:
+                for number in (res, soft, hard):
+                    uint_item(Tag.OFFSET, "rlimits", number, 8)  # range check
+            text = ",".join(f"{r}:{s}:{h}" for r, s, h in self.rlimits)
+            items.append(text_item(Tag.RLIMITS, "rlimits", text))
+        return items
 
 
 def write_file_requests(

@@ -93,17 +93,17 @@ def exec_through(connection: ServerConnection, sandbox_id: str, call: ExecCall) 
     Raises:
         ConfigError: ``-u`` unknown to the image. AgentError: the agent or the server failed.
     """
-    from virtcontainers.agent.protocol import AgentRequestError
+    from virtcontainers.agent.protocol import AgentRequestError, ExecSpec
     from virtcontainers.cli.streams import exec_failed, follow_blocking, terminal_size
 
     with closing(connection):
         how = served_exec_process(connection, sandbox_id, call.env, call.workdir, call.user)
+        size = terminal_size() if call.tty else None
+        spec = ExecSpec(call.argv, how.env, how.cwd, how.uid, how.gid, tty=call.tty, tty_size=size)
         try:
             proc = connection.start_exec(
-                call.argv, env=how.env, cwd=how.cwd, uid=how.uid, gid=how.gid, tty=call.tty,
-                tty_size=terminal_size() if call.tty else None, keep=call.detach,
-                no_stdin=call.detach and not call.interactive,
-            )  # fmt: skip
+                spec, keep=call.detach, no_stdin=call.detach and not call.interactive
+            )
         except AgentRequestError as exc:
             sys.exit(exec_failed(exc))
         if call.detach:
@@ -155,17 +155,19 @@ def served_exec_process(
 
 
 async def _direct_exec(sandbox_id: str, call: ExecCall, how: ExecHow) -> int:
-    from virtcontainers.cli.streams import stream_exec
+    from virtcontainers.cli.streams import stream_exec, terminal_size
     from virtcontainers.sandbox import Sandbox
 
     sandbox = await Sandbox.attach(sandbox_id)
     try:
         if call.detach:
             await sandbox.exec_stream(call.argv, detach=True)  # raises: needs a server
-        return await stream_exec(
-            sandbox, call.argv, tty=call.tty, interactive=call.interactive, env=how.env,
-            cwd=how.cwd, uid=how.uid, gid=how.gid,
+        size = terminal_size() if call.tty else None
+        starting = sandbox.exec_stream(
+            call.argv, tty=call.tty, tty_size=size, env=how.env, cwd=how.cwd, uid=how.uid,
+            gid=how.gid,
         )  # fmt: skip
+        return await stream_exec(starting, tty=call.tty, interactive=call.interactive)
     finally:
         await sandbox.close()
 

@@ -112,12 +112,9 @@ async def _run(
         # Ephemeral: the server removes the sandbox when this process ends, even by SIGKILL.
         await sandbox.start(server=True, ephemeral=True)
         if sandbox.image is None:
+            env = common.plain_env(process.env)
             return await stream_exec(
-                sandbox,
-                process.argv,
-                env=common.plain_env(process.env),
-                cwd=process.workdir,
-                user=process.user,
+                sandbox.exec_stream(process.argv, env=env, cwd=process.workdir, user=process.user)
             )
         spec = sandbox.image.process(
             process.argv,
@@ -127,7 +124,7 @@ async def _run(
             entrypoint=process.entrypoint,
         )
         return await stream_exec(
-            sandbox, list(spec.argv), env=spec.env, cwd=spec.cwd, uid=spec.uid, gid=spec.gid
+            sandbox.exec_stream(spec.argv, env=spec.env, cwd=spec.cwd, uid=spec.uid, gid=spec.gid)
         )
     finally:
         await sandbox.remove()

@@ -22,7 +22,7 @@ import socket
 import sys
 import termios
 import tty as tty_mod
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,6 @@ from virtcontainers.agent.protocol import CHUNK, FrameType
 if TYPE_CHECKING:  # the async client only for `vc run` and the direct path
     from virtcontainers.agent.client import ExecProcess
     from virtcontainers.agent.protocol import AgentRequestError
-    from virtcontainers.sandbox import Sandbox
     from virtcontainers.server.sync_client import RemoteProcess
 
 
@@ -54,28 +53,16 @@ def terminal_size() -> tuple[int, int] | None:
 
 
 async def stream_exec(
-    sandbox: Sandbox,
-    argv: list[str],
-    *,
-    tty: bool = False,
-    interactive: bool = False,
-    env: Mapping[str, str] | None = None,
-    cwd: str | None = None,
-    uid: int | None = None,
-    gid: int | None = None,
-    user: str | None = None,
+    starting: Awaitable[ExecProcess], *, tty: bool = False, interactive: bool = False
 ) -> int:
-    """Run ``argv``, copy its output to ours as it comes, feed it our stdin when that is not
-    a terminal (or with ``interactive``). Returns a shell-style exit code; a program that
-    cannot be started gives docker's codes: 127 when it is not found, else 126, with the
-    agent's message (naming the program) on stderr."""
+    """Follow the process ``starting`` starts: copy its output to ours as it comes, feed it
+    our stdin when that is not a terminal (or with ``interactive``). Returns a shell-style
+    exit code; a program that cannot be started gives docker's codes: 127 when it is not
+    found, else 126, with the agent's message (naming the program) on stderr."""
     from virtcontainers.agent.protocol import AgentRequestError
 
-    size = terminal_size() if tty else None
     try:
-        proc = await sandbox.exec_stream(
-            argv, tty=tty, tty_size=size, env=env, cwd=cwd, uid=uid, gid=gid, user=user
-        )
+        proc = await starting
     except AgentRequestError as exc:
         return exec_failed(exc)
     return await follow(proc, tty=tty, interactive=interactive)

@@ -23,7 +23,7 @@ import signal
 from dataclasses import dataclass
 
 from virtcontainers.agent.client import AgentRequestError, ExecProcess
-from virtcontainers.agent.protocol import ErrorCode
+from virtcontainers.agent.protocol import ErrorCode, ExecSpec
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive
 from virtcontainers.errors import ContainerError, VirtContainersError
@@ -207,7 +207,7 @@ def exec_error(exc: AgentRequestError, program: str) -> VirtContainersError:
 
 async def _exec_stream(agent: ServerClient, process: Process, stdio: Stdio) -> ExecProcess:
     user = process.user
-    return await agent.exec_stream(
+    spec = ExecSpec(
         process.args,
         env=process.environment(),
         cwd=process.cwd,
@@ -219,6 +219,7 @@ async def _exec_stream(agent: ServerClient, process: Process, stdio: Stdio) -> E
         tty=stdio.tty,
         tty_size=stdio.size(),
     )
+    return await agent.exec_stream(spec)
 
 
 def stop_signal(sig: str) -> int:

@@ -16,7 +16,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from virtcontainers.agent import protocol
 from virtcontainers.errors import AgentError
@@ -73,24 +73,19 @@ class ServerConnection:
         return wire.decode_reply(fields.raw(protocol.Tag.DATA))
 
     def start_exec(
-        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-        cwd: str | None = None, uid: int | None = None, gid: int | None = None,
-        tty: bool = False, tty_size: tuple[int, int] | None = None, keep: bool = False,
+        self, command: protocol.ExecSpec | Sequence[str], *, keep: bool = False,
         no_stdin: bool = False,
     ) -> RemoteProcess:  # fmt: skip
-        """Start ``argv`` in the guest (as ``ServerClient.exec_stream``; ``keep``: the
+        """Start ``command`` in the guest (as ``ServerClient.exec_stream``; ``keep``: the
         process outlives this connection, for ``vc attach``).
 
         Raises:
             AgentRequestError: the program cannot be started (the agent's reply).
             ConfigError: input the wire cannot carry.
         """
-        extra = [wire.KEEP] if keep else []
-        payload = protocol.exec_request(
-            argv, env, cwd, uid, gid, tty, no_stdin=no_stdin, tty_size=tty_size,
-            extra_items=extra,
-        )  # fmt: skip
-        fields = self.request(protocol.FrameType.EXEC, payload, f"exec {argv[0]!r}")
+        spec = protocol.ExecSpec.of(command)
+        payload = spec.request(no_stdin=no_stdin, extra_items=[wire.KEEP] if keep else [])
+        fields = self.request(protocol.FrameType.EXEC, payload, spec.what)
         return RemoteProcess(
             self, fields.uint(protocol.Tag.EXEC_ID), fields.uint(protocol.Tag.PID), no_stdin
         )
