@@ -35,7 +35,7 @@ from bench.stats import Figure, from_pairs, run_pairs, single
 from virtcontainers import Sandbox
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.guest.image import build_image
-from virtcontainers.images import ImageStore, ensure_image, pull
+from virtcontainers.images import ImageStore, PullPolicy, pull
 from virtcontainers.testing.oci_images import busybox_layout, debian_python_layout
 
 VC = str(Path(sys.executable).with_name("vc"))
@@ -59,7 +59,7 @@ def pulls(store: ImageStore) -> dict[str, float]:
         out[f"{name}_first_pull_s"] = round(time.perf_counter() - start, 3)
         out[f"{name}_disk_mb"] = round(image.disk_size / 1e6, 1)
         start = time.perf_counter()
-        again = ensure_image(ref, store=store)
+        again = pull(ref, policy=PullPolicy.MISSING, store=store)
         out[f"{name}_cached_lookup_ms"] = round((time.perf_counter() - start) * 1000, 2)
         if again.disk != image.disk:
             raise RuntimeError("the cache hit returned another disk")
@@ -77,7 +77,7 @@ async def python_start(store: ImageStore, execs: int) -> dict[str, float]:
     cfg.boot.kernel_path, cfg.boot.initrd_path = str(guest.kernel), str(guest.initrd)
     cfg.resources.memory_size = 512
     cfg.storage.block_device_driver = "virtio-blk"
-    image = ensure_image(f"oci:{debian_python_layout()}", store=store)
+    image = pull(f"oci:{debian_python_layout()}", policy=PullPolicy.MISSING, store=store)
     async with await Sandbox.create(cfg, image=image) as sb:
         true_s, py_s = [], []
         for _ in range(execs):

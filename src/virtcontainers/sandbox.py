@@ -49,7 +49,7 @@ from virtcontainers.devices import (
 from virtcontainers.errors import AgentError, HypervisorError, LaunchError, StateError, StoreError
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
-from virtcontainers.images.pull import ensure_image
+from virtcontainers.images.pull import PullPolicy, pull
 from virtcontainers.images.sandbox_image import SandboxImage, exec_defaults
 from virtcontainers.images.store import ImageStore, StoredImage
 from virtcontainers.listing import SandboxInfo, _info, list_sandboxes
@@ -186,13 +186,13 @@ class Sandbox:
         store = store or StateStore()
         sandbox_image: SandboxImage | None = None
         if image is not None:
-            stored = (
-                image
-                if isinstance(image, StoredImage)
-                else await asyncio.to_thread(
-                    ensure_image, image, store=image_store, tls_verify=tls_verify
+            if isinstance(image, StoredImage):
+                stored = image
+            else:
+                missing = PullPolicy.MISSING
+                stored = await asyncio.to_thread(
+                    pull, image, policy=missing, store=image_store, tls_verify=tls_verify
                 )
-            )
             ref = image if isinstance(image, str) else (stored.refs[0] if stored.refs else "")
             sandbox_image = SandboxImage.from_stored(stored, ref, scratch_mb=disk_size_mb)
             config = sandbox_image.configure(config)

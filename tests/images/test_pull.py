@@ -19,7 +19,7 @@ from virtcontainers.errors import (
     ImageDigestError,
     ImageNotFoundError,
 )
-from virtcontainers.images import ImageStore, StoredImage, pull
+from virtcontainers.images import ImageStore, PullPolicy, StoredImage, pull
 from virtcontainers.images.layout import read_layout
 from virtcontainers.testing.oci_images import BUSYBOX_CONFIG
 from virtcontainers.testing.registry import LocalRegistry, push
@@ -206,6 +206,23 @@ def test_plain_rootfs_dir_and_tar(tmp_path: Path, store: ImageStore) -> None:
     assert as_dir.config.architecture == as_tar.config.architecture == "amd64"
     assert as_dir.disk.stat().st_size > 0
     assert as_tar.refs == (f"tar:{tarball}",)
+
+
+def test_pull_policies_missing_and_never_use_the_store_without_the_source(
+    busybox_oci: Path, store: ImageStore, tmp_path: Path
+) -> None:
+    source = tmp_path / "layout"
+    shutil.copytree(busybox_oci, source)
+    with pytest.raises(ImageNotFoundError, match="the pull policy is never"):
+        pull(f"oci:{source}", policy=PullPolicy.NEVER, store=store)
+    assert _empty(store)
+    image = pull(f"oci:{source}", policy=PullPolicy.MISSING, store=store)  # not stored: pulls
+    shutil.rmtree(source)
+    # The source is gone: only the store can answer, and it does for missing and never.
+    assert pull(f"oci:{source}", policy=PullPolicy.MISSING, store=store) == image
+    assert pull(f"oci:{source}", policy=PullPolicy.NEVER, store=store) == image
+    with pytest.raises(ImageNotFoundError, match="does not exist"):
+        pull(f"oci:{source}", store=store)  # always: goes to the source
 
 
 def test_vc_image_cli_pull_ls_inspect_rm(busybox_oci: Path, store: ImageStore) -> None:

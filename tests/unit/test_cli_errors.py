@@ -49,6 +49,20 @@ def test_more_cpus_than_allowed_is_refused_before_anything_is_recorded(tmp_path:
     assert json.loads(_vc(tmp_path, "ps", "--json").stdout) == []
 
 
+def test_run_pull_never_of_an_image_not_stored_names_the_policy(tmp_path: Path) -> None:
+    out = _vc(
+        tmp_path, "run", "--hypervisor", "mock", "--kernel", "/k", "--initrd", "/i",
+        "--pull", "never", "--image", f"oci:{tmp_path}/layout", "--", "true",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout
+    assert out.stderr.startswith("error: ImageNotFoundError: ")
+    assert "the pull policy is never" in out.stderr
+    assert json.loads(_vc(tmp_path, "ps", "--json").stdout) == []
+    bad = _vc(tmp_path, "run", "--pull", "sometimes", "--image", "x", "--", "true")
+    assert bad.returncode == 2
+    assert "'sometimes' is not one of 'missing', 'always', 'never'" in bad.stderr
+
+
 def test_resize_without_a_flag_is_a_config_error(tmp_path: Path) -> None:
     """Before: `vc resize ID` with neither flag did nothing and exited 0."""
     out = _vc(tmp_path, "resize", "nosuch")

@@ -95,6 +95,14 @@ _machine_options = compose(
         help="A scratch disk of this size (512M, 2G) for the image's writable layer instead "
         "of guest RAM (tmpfs).",
     ),
+    click.option(
+        "--pull",
+        type=click.Choice(["missing", "always", "never"]),
+        default="missing",
+        show_default=True,
+        help="When to fetch --image: missing (only when the store lacks it), always (fetch "
+        "again; an unchanged image keeps its disk) or never (the store's, else an error).",
+    ),
     tls_verify_option,
 )
 
@@ -118,6 +126,7 @@ class SandboxOptions:
     tap_range: str
     image: str | None
     disk_size: str | None
+    pull: str
     tls_verify: str
 
     def config(self) -> HypervisorConfig:
@@ -140,19 +149,22 @@ class SandboxOptions:
         return disk_size_mb(self.disk_size)
 
     def pull_image(self) -> StoredImage | None:
-        """The ``--image`` from the store, pulled (with a progress bar) when missing.
+        """The ``--image``, from the store or pulled (with a progress bar) as ``--pull`` says.
 
         Raises:
-            ConfigError: a bad ``--tls-verify``; ImageError subclasses from the pull.
+            ConfigError: a bad ``--tls-verify``; ImageError subclasses from the pull
+                (ImageNotFoundError for ``--pull never`` and an image not in the store).
         """
         if self.image is None:
             return None
         from virtcontainers.cli.terminal import progress_bar
-        from virtcontainers.images import ensure_image
+        from virtcontainers.images import PullPolicy, pull
 
         verify = parse_bool(self.tls_verify, "--tls-verify")
         with progress_bar(self.image) as progress:
-            return ensure_image(self.image, tls_verify=verify, progress=progress)
+            return pull(
+                self.image, policy=PullPolicy(self.pull), tls_verify=verify, progress=progress
+            )
 
 
 _SANDBOX_FIELDS = tuple(field.name for field in fields(SandboxOptions))

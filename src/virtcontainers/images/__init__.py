@@ -14,7 +14,7 @@ Nothing here knows a driver: a sandbox turns a :class:`StoredImage` into a read-
 """
 
 from virtcontainers.images.config import ImageConfig, ProcessSpec, process_spec, resolve_user
-from virtcontainers.images.pull import ensure_image, host_arch, pull
+from virtcontainers.images.pull import PullPolicy, host_arch, pull
 from virtcontainers.images.reference import ImageRef, Transport, parse_reference
 from virtcontainers.images.store import ImageStore, StoredImage
 
@@ -23,9 +23,9 @@ __all__ = [
     "ImageRef",
     "ImageStore",
     "ProcessSpec",
+    "PullPolicy",
     "StoredImage",
     "Transport",
-    "ensure_image",
     "host_arch",
     "parse_reference",
     "process_spec",

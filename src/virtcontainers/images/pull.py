@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 
 from virtcontainers.errors import (
@@ -33,7 +34,7 @@ from virtcontainers.images.rootdisk import build_root_disk, tree_size
 from virtcontainers.images.store import META_FORMAT, ImageStore, StoredImage
 from virtcontainers.images.tools import run_tool
 
-__all__ = ["ProgressCallback", "ensure_image", "host_arch", "pull"]
+__all__ = ["ProgressCallback", "PullPolicy", "host_arch", "pull"]
 
 log = logging.getLogger(__name__)
 
@@ -118,28 +119,52 @@ def _sha256(path: Path) -> str:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
+class PullPolicy(StrEnum):
+    """When :func:`pull` fetches from the source, as podman's ``--pull``."""
+
+    #: Every time (an image whose config is already stored keeps its disk).
+    ALWAYS = "always"
+    #: Only when the store has no image for the reference (``docker run``'s default).
+    MISSING = "missing"
+    #: Never: the stored image, or ImageNotFoundError.
+    NEVER = "never"
+
+
 def pull(
     text: str,
     *,
+    policy: PullPolicy = PullPolicy.ALWAYS,
     store: ImageStore | None = None,
     tls_verify: bool = True,
     progress: ProgressCallback | None = None,
 ) -> StoredImage:
     """Fetch ``text`` (any form of :func:`parse_reference`) into the store and build its root
-    disk. A pull of an image already stored (same config digest) reuses the stored disk.
+    disk, or with ``policy`` take the stored image for it. A pull of an image already stored
+    (same config digest) reuses the stored disk.
 
     ``tls_verify=False`` lets skopeo talk plain HTTP / unverified TLS to the registry (for a
     local test registry); it is ignored for local transports.
 
     Raises:
         ConfigError: a malformed reference. ImageNotFoundError: unknown reference, unreachable
-        registry, missing file. ImageDigestError: a blob does not match its digest (its digest
-        is named). ImageArchError: an image for another platform. ImageSpaceError: the root
-        disk would not fit. ImageError: a tool is missing or failed. Nothing is left in the
-        store after any of these.
+        registry, missing file; with ``PullPolicy.NEVER`` an image not in the store.
+        ImageDigestError: a blob does not match its digest (its digest is named).
+        ImageArchError: an image for another platform. ImageSpaceError: the root disk would
+        not fit. ImageError: a tool is missing or failed. Nothing is left in the store after
+        any of these.
     """
     store = store or ImageStore()
     ref = parse_reference(text)
+    if policy is not PullPolicy.ALWAYS:
+        found = store.get(text)
+        if found is not None:
+            return found
+        if policy is PullPolicy.NEVER:
+            raise ImageNotFoundError(
+                "not in the local image store, and the pull policy is never (pull it with "
+                "`vc image pull`, or use --pull missing)",
+                ref=text,
+            )
 
     def report(step: str, fraction: float | None) -> None:
         log.debug("pull %s: %s", ref.canonical, step)
@@ -243,19 +268,3 @@ def _plain_rootfs(ref: ImageRef, dest: Path, report: ProgressCallback) -> Path:
         argv.append("--no-same-owner")
     run_tool(argv, step="extract the root filesystem tarball", ref=ref.canonical)
     return dest
-
-
-def ensure_image(
-    text: str,
-    *,
-    store: ImageStore | None = None,
-    tls_verify: bool = True,
-    progress: ProgressCallback | None = None,
-) -> StoredImage:
-    """The stored image for ``text``, pulling it first when it is not in the store
-    (what ``vc run --image`` does, like ``docker run``). Raises what :func:`pull` raises."""
-    store = store or ImageStore()
-    found = store.get(text)
-    if found is not None:
-        return found
-    return pull(text, store=store, tls_verify=tls_verify, progress=progress)
