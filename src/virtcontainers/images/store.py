@@ -91,16 +91,10 @@ class ImageStore:
     def __init__(self, root: Path | None = None) -> None:
         env = os.environ.get("VC_IMAGE_STORE", "")
         self.root = root or (Path(env) if env else default_cache_dir() / "oci")
+        self.images_dir = self.root / "images"
+        self.tmp_dir = self.root / "tmp"
 
     # -- paths and locking ---------------------------------------------------------------
-
-    @property
-    def images_dir(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.root / "tmp"
 
     def _ensure(self) -> None:
         for path in (self.root, self.images_dir, self.tmp_dir):

@@ -30,6 +30,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from virtcontainers import fsutil
 from virtcontainers.command import run_captured
@@ -47,6 +48,26 @@ LOCK_PATH = Path("/run/lock/virtcontainers-network.lock")
 TAP_NAME = "tap0"
 NS_VETH = "veth0"
 _TIMEOUT = 30.0
+
+
+class _Address:
+    """An address of a :class:`TapNetwork`, by its offset in the sandbox's /29 (a
+    descriptor: ``net.gateway`` is the text of that address; with ``prefix`` a network)."""
+
+    def __init__(self, offset: int, doc: str, *, prefix: int | None = None) -> None:
+        self.offset, self.prefix, self.__doc__ = offset, prefix, doc
+
+    @overload
+    def __get__(self, net: None, owner: type[TapNetwork]) -> _Address: ...
+    @overload
+    def __get__(self, net: TapNetwork, owner: type[TapNetwork] | None = None) -> str: ...
+    def __get__(
+        self, net: TapNetwork | None, owner: type[TapNetwork] | None = None
+    ) -> str | _Address:
+        if net is None:  # on the class itself (help(), inspect)
+            return self
+        address = str(ipaddress.IPv4Network(net.subnet)[self.offset])
+        return address if self.prefix is None else f"{address}/{self.prefix}"
 
 
 @dataclass(frozen=True)
@@ -76,28 +97,13 @@ class TapNetwork:
     def host_table(self) -> str:
         return f"vc-{self.key}"
 
-    def _addr(self, offset: int) -> ipaddress.IPv4Address:
-        return ipaddress.IPv4Network(self.subnet)[offset]
-
-    @property
-    def host_address(self) -> str:
-        return str(self._addr(1))
-
-    @property
-    def netns_address(self) -> str:
-        return str(self._addr(2))
-
-    @property
-    def gateway(self) -> str:
-        return str(self._addr(5))
-
-    @property
-    def guest_address(self) -> str:
-        return str(self._addr(6))
-
-    @property
-    def guest_net(self) -> str:
-        return f"{self._addr(4)}/30"
+    # The /29's plan: a veth pair between the host and the netns, and the guest's /30 behind
+    # the tap in the netns.
+    host_address = _Address(1, "the host end of the veth pair")
+    netns_address = _Address(2, "the netns end of the veth pair")
+    guest_net = _Address(4, "the guest's /30 (tap and guest)", prefix=30)
+    gateway = _Address(5, "the tap in the netns: the guest's gateway")
+    guest_address = _Address(6, "the guest's eth0")
 
     def guest(self, dns: Sequence[str]) -> GuestAddressing:
         return GuestAddressing(
