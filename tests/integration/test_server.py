@@ -276,6 +276,24 @@ def test_exec_it_is_a_real_terminal(guest_image: GuestImage, vc_root: Path) -> N
     assert leftovers(vc_root) == []
 
 
+def test_run_it_is_a_real_terminal(guest_image: GuestImage, vc_root: Path) -> None:
+    """`vc run -it -- sh`, as `docker run -it`: before, `vc run` had no -t/-i."""
+    term = Terminal([VC, "run", "-it", "--", "sh"], 27, 93)
+    try:
+        term.command("stty size; tty\n")
+        term.expect("27 93")
+        term.expect("/dev/pts/")
+        term.command("echo typed-'in'-here\n")
+        term.expect("typed-in-here")
+        term.command("exit 4\n")
+        assert term.proc.wait(60) == 4
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+        os.close(term.master)
+    assert leftovers(vc_root) == []
+
+
 def test_sync_facade_as_a_client_of_an_ephemeral_server(
     guest_image: GuestImage, vc_root: Path
 ) -> None:

@@ -13,7 +13,7 @@ from virtcontainers.cli.execution import GUEST_PATH, env_items, plain_env
 
 __all__ = [
     "GUEST_PATH", "compose", "env_items", "json_option", "plain_env", "process_options",
-    "sandbox_id_argument",
+    "sandbox_id_argument", "terminal_options",
 ]  # fmt: skip
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -33,6 +33,12 @@ def compose(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 sandbox_id_argument = click.argument("sandbox_id", help="The sandbox id (see `vc ps`).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
+
+#: ``-t``, ``-i`` as docker spells them (``vc run``, ``vc exec``): ``-it`` is a terminal.
+terminal_options = compose(
+    click.option("--tty", "-t", is_flag=True, help="Allocate a terminal."),
+    click.option("--interactive", "-i", is_flag=True, help="Forward stdin even from a terminal."),
+)
 
 #: ``-e``, ``-w``, ``-u`` as docker spells them (``vc run``, ``vc exec``).
 process_options = compose(

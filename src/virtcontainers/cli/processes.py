@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 @click.command(name="exec", context_settings={"allow_interspersed_args": False})
 @sandbox_id_argument
 @click.argument("command", nargs=-1, required=True, help="The command to run in the guest.")
-@click.option("--tty", "-t", is_flag=True, help="Allocate a terminal.")
-@click.option("--interactive", "-i", is_flag=True, help="Forward stdin even from a terminal.")
+@common.terminal_options
 @click.option("--detach", "-d", is_flag=True, help="Start it in the background; print its pid.")
 @common.process_options
 def exec_(

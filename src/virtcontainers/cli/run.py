@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import click
 
@@ -25,11 +25,14 @@ if TYPE_CHECKING:
     help="The command to run in the guest (with --image: the image's default when omitted).",
 )
 @options.sandbox_options
+@common.terminal_options
 @common.process_options
 @options.entrypoint_option
 def run(
     command: tuple[str, ...],
     sandbox: options.SandboxOptions,
+    tty: bool,
+    interactive: bool,
     env: tuple[str, ...],
     workdir: str | None,
     user: str | None,
@@ -38,13 +41,16 @@ def run(
     """Boot a VM, run COMMAND in it, stream its output and exit with its exit code.
 
     Standard input is forwarded to the command when it is not a terminal, so
-    `cat file | vc run -- sha256sum` works. The sandbox is removed afterwards. A command
-    that cannot be started exits 127 (not found) or 126, as with docker.
+    `cat file | vc run -- sha256sum` works; `-it` gives an interactive terminal (raw mode,
+    window size forwarded, Ctrl-C reaches the guest process). The sandbox is removed
+    afterwards. A command that cannot be started exits 127 (not found) or 126, as with
+    docker.
 
     Examples:
 
     \b
       vc run -- uname -a
+      vc run -it -- sh
       vc run --cpus 2 --memory 1024 -- sh -c 'nproc; free -m'
       vc run --network user -p 8080:80 -- httpd -f -p 80
       vc run --image oci:./layout -e GREETING=hi -w /tmp -u 1000 -- python3 -c 'print(6*7)'
@@ -62,6 +68,8 @@ def run(
     spec = sandbox.network_spec()
     process = _Process(
         argv=argv,
+        tty=tty,
+        interactive=interactive,
         env=common.env_items(env),
         workdir=workdir,
         user=user,
@@ -73,23 +81,16 @@ def run(
     sys.exit(asyncio.run(_run(config, hypervisor, devices, process, stored, size, spec)))
 
 
-class _Process:
+class _Process(NamedTuple):
     """What the user asked to run, before the image's config fills the gaps."""
 
-    def __init__(
-        self,
-        *,
-        argv: list[str],
-        env: dict[str, str] | None,
-        workdir: str | None,
-        user: str | None,
-        entrypoint: list[str] | None,
-    ) -> None:
-        self.argv = argv
-        self.env = env
-        self.workdir = workdir
-        self.user = user
-        self.entrypoint = entrypoint
+    argv: list[str]
+    tty: bool
+    interactive: bool
+    env: dict[str, str] | None
+    workdir: str | None
+    user: str | None
+    entrypoint: list[str] | None
 
 
 async def _run(
@@ -101,7 +102,7 @@ async def _run(
     disk_size_mb: int,
     network: NetworkSpec,
 ) -> int:
-    from virtcontainers.cli.streams import stream_exec
+    from virtcontainers.cli.streams import stream_exec, terminal_size
     from virtcontainers.sandbox import Sandbox
 
     sandbox = await Sandbox.create(
@@ -111,20 +112,24 @@ async def _run(
     try:
         # Ephemeral: the server removes the sandbox when this process ends, even by SIGKILL.
         await sandbox.start(server=True, ephemeral=True)
+        tty, size = process.tty, terminal_size() if process.tty else None
         if sandbox.image is None:
-            env = common.plain_env(process.env)
-            return await stream_exec(
-                sandbox.exec_stream(process.argv, env=env, cwd=process.workdir, user=process.user)
+            starting = sandbox.exec_stream(
+                process.argv, tty=tty, tty_size=size, env=common.plain_env(process.env),
+                cwd=process.workdir, user=process.user,
+            )  # fmt: skip
+        else:
+            spec = sandbox.image.process(
+                process.argv,
+                env=process.env,
+                workdir=process.workdir,
+                user=process.user,
+                entrypoint=process.entrypoint,
             )
-        spec = sandbox.image.process(
-            process.argv,
-            env=process.env,
-            workdir=process.workdir,
-            user=process.user,
-            entrypoint=process.entrypoint,
-        )
-        return await stream_exec(
-            sandbox.exec_stream(spec.argv, env=spec.env, cwd=spec.cwd, uid=spec.uid, gid=spec.gid)
-        )
+            starting = sandbox.exec_stream(
+                spec.argv, tty=tty, tty_size=size, env=spec.env, cwd=spec.cwd, uid=spec.uid,
+                gid=spec.gid,
+            )  # fmt: skip
+        return await stream_exec(starting, tty=tty, interactive=process.interactive)
     finally:
         await sandbox.remove()
