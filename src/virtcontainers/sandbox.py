@@ -46,7 +46,14 @@ from virtcontainers.devices import (
     SerialPort,
     VSock,
 )
-from virtcontainers.errors import AgentError, HypervisorError, LaunchError, StateError, StoreError
+from virtcontainers.errors import (
+    AgentError,
+    ConfigError,
+    HypervisorError,
+    LaunchError,
+    StateError,
+    StoreError,
+)
 from virtcontainers.hypervisor import Hypervisor, HypervisorType, NetworkNamespace, VmState
 from virtcontainers.hypervisor import new_hypervisor as _new_hypervisor
 from virtcontainers.images.pull import PullPolicy, pull
@@ -68,6 +75,7 @@ from virtcontainers.persist.records import (
 from virtcontainers.persist.store import StateStore
 from virtcontainers.process import VmmProcess, process_matches
 from virtcontainers.telemetry.tracing import traced
+from virtcontainers.volumes import Volume, mount_volumes, volume_shares
 
 if TYPE_CHECKING:
     from virtcontainers.server.client import ServerClient
@@ -166,6 +174,7 @@ class Sandbox:
         disk_size_mb: int = 0,
         image_store: ImageStore | None = None,
         tls_verify: bool = True,
+        volumes: Sequence[Volume] = (),
     ) -> Sandbox:
         """Record a new sandbox (nothing runs until :meth:`start`).
 
@@ -176,10 +185,14 @@ class Sandbox:
         in it (overlay with a tmpfs upper, or a scratch disk of ``disk_size_mb`` MiB), and
         its Env, WorkingDir and User are the defaults of :meth:`exec`.
 
+        ``volumes``: host directories the guest mounts at start, live (virtio-9p; see
+        :mod:`virtcontainers.volumes`): QEMU only, with a guest kernel that has 9p.
+
         Raises:
-            ConfigError: invalid config, hypervisor type, scratch size or network (a mode the
-                driver lacks, tap without root, a malformed or busy published port, an egress
-                policy the mode cannot enforce). StoreError: the id is taken or invalid, or
+            ConfigError: invalid config, hypervisor type, scratch size, volumes (not a
+                directory, a relative guest path, a driver without 9p) or network (a mode
+                the driver lacks, tap without root, a malformed or busy published port, an
+                egress policy the mode cannot enforce). StoreError: the id is taken or invalid, or
                 the store is unusable. ImageError (and subclasses): the image cannot be
                 pulled (see :func:`virtcontainers.images.pull`).
         """
@@ -210,9 +223,17 @@ class Sandbox:
         config.resources.memory_size = checked.resources.memory_size
         spec = network or NetworkSpec()
         Attachment.check(spec, kind.value)
+        for volume in volumes:
+            volume.check()
+        if volumes and kind is not HypervisorType.QEMU:
+            raise ConfigError(
+                f"volumes need virtio-9p, which the {kind.value} driver does not have here "
+                "(use the qemu driver)",
+                field="--volume",
+            )
         sandbox_id = id or secrets.token_hex(6)
         run_dir = store.create_sandbox_dir(sandbox_id)
-        all_devices = list(devices)
+        all_devices = [*devices, *volume_shares(volumes)]
         if sandbox_image is not None:
             try:
                 all_devices = [*sandbox_image.devices(run_dir), *all_devices]
@@ -231,6 +252,7 @@ class Sandbox:
             devices=tuple(DeviceRecord.of(d) for d in all_devices),
             network=Attachment(spec=spec, sandbox_id=sandbox_id, run_dir=str(run_dir)).to_record(),
             image=sandbox_image,
+            volumes=tuple(volumes),
         )
         store.save(sandbox_id, doc)
         sandbox = cls(doc, store)
@@ -359,6 +381,8 @@ class Sandbox:
             channel = await hv.generate_socket(self.id)
             self._save(VmState.RUNNING, agent=_channel_record(channel))
             await self._wait_for_agent(deadline, timeout)
+            if self._doc.volumes:
+                await mount_volumes(await self._connect_agent(), self._doc.volumes)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await hv.stop_sandbox()

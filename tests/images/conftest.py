@@ -66,7 +66,7 @@ def registry() -> Iterator[LocalRegistry]:
 # The API documents' checkers, for the driver tests (fixtures of the contract suites).
 from tests.contract.test_clh_contract import spec  # noqa: E402, F401
 from tests.contract.test_firecracker_contract import contract  # noqa: E402, F401
-from tests.integration.conftest import guest_image, vc_root  # noqa: E402, F401
+from tests.integration.conftest import guest_image, guest_image_generic, vc_root  # noqa: E402, F401
 
 
 @pytest.fixture

@@ -167,6 +167,25 @@ def test_vc_run_image_acceptance(
     assert qemu_processes_for(vc_root) == []
 
 
+def test_vc_run_volume_in_the_image_root(
+    guest_image_generic: GuestImage, vc_root: Path, busybox_oci: Path, store: ImageStore,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """-v in an image sandbox mounts in the image's root (so on the generic flavour, which
+    could not mount an image at all before: its initramfs lacked crc32c_generic for erofs)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("from the host\n")
+    out = _vc(
+        "run", "--image", f"oci:{busybox_oci}", "-v", f"{data}:/srv/data", "--",
+        "sh", "-c", "cat /srv/data/in.txt; ls /opt; echo from the image > /srv/data/out.txt",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "from the host\nkeep.txt\n"  # /opt: the image's (whiteouts applied)
+    assert (data / "out.txt").read_text() == "from the image\n"
+    assert qemu_processes_for(vc_root) == []
+
+
 def test_vc_create_exec_cp_in_an_image_sandbox(
     guest_image: GuestImage, vc_root: Path, busybox_oci: Path, store: ImageStore, tmp_path: Path
 ) -> None:

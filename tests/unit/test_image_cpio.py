@@ -17,7 +17,7 @@ from virtcontainers.errors import ConfigError, VirtContainersError
 from virtcontainers.guest import debian, image
 from virtcontainers.guest.cpio import CpioEntry, CpioWriter, concat_initrd, make_overlay_cpio
 from virtcontainers.guest.image import ImageBuildError, build_image, find_image
-from virtcontainers.guest.kmod import KernelModule, modules_dep, read_modinfo
+from virtcontainers.guest.kmod import KernelModule, ModuleTree, modules_dep, read_modinfo
 
 needs_cpio = pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
 
@@ -267,6 +267,37 @@ def test_read_modinfo_from_a_real_elf_object(tmp_path: Path) -> None:
     assert ("alias", "virtio:d00000003v*") in info
     with pytest.raises(ValueError, match="ELF64"):
         read_modinfo(b"not an elf")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+def test_a_softdep_pre_becomes_a_dependency_on_the_module_providing_it(tmp_path: Path) -> None:
+    """erofs needs libcrc32c, whose init fails (ENOENT) without a crc32c algorithm; it says
+    so only as `softdep=pre: crc32c`, which busybox modprobe ignores. Before, the generic
+    kernel's initramfs lacked crc32c_generic and image sandboxes could not mount erofs."""
+    root = tmp_path / "lib" / "modules" / "6.1.0-test"
+
+    def ko(relpath: str, *modinfo: str) -> None:
+        src = tmp_path / "m.c"
+        src.write_text("".join(
+            f'static const char m{i}[] __attribute__((used, section(".modinfo"))) = "{item}";\n'
+            for i, item in enumerate(modinfo)
+        ))  # fmt: skip
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-c", "-o", str(root / relpath), str(src)], check=True)
+
+    ko("kernel/fs/erofs/erofs.ko", "depends=libcrc32c")
+    ko("kernel/lib/libcrc32c.ko", "depends=", "softdep=pre: crc32c")
+    ko("kernel/crypto/crc32c_unrelated.ko", "alias=something-else")
+    # No provider yet: the softdep is dropped (libcrc32c, whose name has crc32c in it, is
+    # not its own provider).
+    assert ModuleTree(root, "6.1.0-test").module("libcrc32c").depends == ()
+    ko("kernel/arch/x86/crypto/crc32c-intel.ko", "alias=crypto-crc32c", "alias=crc32c")
+    ko("kernel/crypto/crc32c_generic.ko", "alias=crypto-crc32c", "alias=crc32c")
+    tree = ModuleTree(root, "6.1.0-test")
+    closure = tree.closure(["erofs"])
+    assert [m.name for m in closure] == ["crc32c_generic", "libcrc32c", "erofs"]
+    assert "kernel/lib/libcrc32c.ko: kernel/crypto/crc32c_generic.ko" in modules_dep(closure)
+    assert tree.provider("no_such_thing") is None
 
 
 def test_static_elf_detection() -> None:

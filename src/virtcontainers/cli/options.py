@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # imported where used: these pull in the sandbox layer
     from virtcontainers.devices import ColdPlugDevice
     from virtcontainers.images import StoredImage
     from virtcontainers.network import NetworkSpec
+    from virtcontainers.volumes import Volume
 
 _PATH = click.Path(path_type=Path)
 
@@ -51,13 +52,22 @@ _machine_options = compose(
         "for container software use --image).",
     ),
     click.option(
-        "--flavour", default="cloud", help="Built image to use: cloud (fast) or generic (has 9p)."
+        "--flavour",
+        help="Built image to use: cloud (fast; the default) or generic (has 9p; the default "
+        "with --volume or --share).",
+    ),
+    click.option(
+        "--volume",
+        "-v",
+        multiple=True,
+        help="Mount a host directory live in the guest: HOST_DIR:GUEST_PATH[:ro|rw], as "
+        "docker -v (virtio-9p, qemu driver; in the image's root with --image). Repeatable.",
     ),
     click.option(
         "--share",
         multiple=True,
-        help="Share a host directory as HOST_DIR[:TAG] over virtio-9p (needs --flavour "
-        "generic); in the guest: mount -t 9p -o trans=virtio TAG /mnt.",
+        help="Share a host directory as HOST_DIR[:TAG] over virtio-9p, unmounted; in the "
+        "guest: mount -t 9p -o trans=virtio TAG /mnt (--volume mounts it for you).",
     ),
     click.option(
         "--network",
@@ -118,7 +128,8 @@ class SandboxOptions:
     kernel: Path | None
     initrd: Path | None
     guest_disk: Path | None
-    flavour: str
+    flavour: str | None
+    volume: tuple[str, ...]
     share: tuple[str, ...]
     network: str
     publish: tuple[str, ...]
@@ -133,8 +144,21 @@ class SandboxOptions:
         """See :func:`build_config`."""
         return build_config(
             cpus=self.cpus, max_cpus=self.max_cpus, memory=self.memory, kernel=self.kernel,
-            initrd=self.initrd, guest_disk=self.guest_disk, flavour=self.flavour,
+            initrd=self.initrd, guest_disk=self.guest_disk, flavour=self.guest_flavour(),
         )  # fmt: skip
+
+    def guest_flavour(self) -> str:
+        """``--flavour``, else generic when a volume or share needs 9p, else cloud."""
+        if self.flavour is not None:
+            return self.flavour
+        return "generic" if self.volume or self.share else "cloud"
+
+    def volumes(self) -> list[Volume]:
+        """The ``--volume`` items. Raises ConfigError for a malformed one (see
+        :meth:`Volume.parse`)."""
+        from virtcontainers.volumes import Volume
+
+        return [Volume.parse(text) for text in self.volume]
 
     def devices(self) -> list[ColdPlugDevice]:
         """See :func:`share_devices`."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from virtcontainers.devices import ColdPlugDevice
     from virtcontainers.images import StoredImage
     from virtcontainers.network import NetworkSpec
+    from virtcontainers.volumes import Volume
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
@@ -53,6 +54,7 @@ def run(
       vc run -it -- sh
       vc run --cpus 2 --memory 1024 -- sh -c 'nproc; free -m'
       vc run --network user -p 8080:80 -- httpd -f -p 80
+      vc run -v "$PWD":/src -w /src -- sh -c 'ls; echo built > out.txt'  # live, both ways
       vc run --image oci:./layout -e GREETING=hi -w /tmp -u 1000 -- python3 -c 'print(6*7)'
     """
     from virtcontainers.cli.streams import claim_stdin
@@ -65,6 +67,7 @@ def run(
         raise ConfigError("--entrypoint and --disk-size need --image", field="--image")
     config = sandbox.config()
     devices = sandbox.devices()
+    volumes = sandbox.volumes()
     spec = sandbox.network_spec()
     process = _Process(
         argv=argv,
@@ -78,7 +81,7 @@ def run(
     stored = sandbox.pull_image()
     size = sandbox.disk_size_mb()
     hypervisor = sandbox.hypervisor
-    sys.exit(asyncio.run(_run(config, hypervisor, devices, process, stored, size, spec)))
+    sys.exit(asyncio.run(_run(config, hypervisor, devices, process, stored, size, spec, volumes)))
 
 
 class _Process(NamedTuple):
@@ -101,13 +104,14 @@ async def _run(
     image: StoredImage | None,
     disk_size_mb: int,
     network: NetworkSpec,
+    volumes: list[Volume],
 ) -> int:
     from virtcontainers.cli.streams import stream_exec, terminal_size
     from virtcontainers.sandbox import Sandbox
 
     sandbox = await Sandbox.create(
         config, hypervisor=hypervisor, devices=devices, network=network, image=image,
-        disk_size_mb=disk_size_mb,
+        disk_size_mb=disk_size_mb, volumes=volumes,
     )  # fmt: skip
     try:
         # Ephemeral: the server removes the sandbox when this process ends, even by SIGKILL.

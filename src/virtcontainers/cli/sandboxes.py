@@ -73,6 +73,7 @@ def create(sandbox: options.SandboxOptions, name: str | None, as_json: bool) -> 
             network=spec,
             image=stored,
             disk_size_mb=sandbox.disk_size_mb(),
+            volumes=sandbox.volumes(),
         )
     )
     _emit(created.info().to_dict(), as_json, created.id)

@@ -92,8 +92,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bump when the layout of the initramfs or the manifest changes: every cached image rebuilds.
-BUILDER_VERSION = 1
+#: Bump when the layout of the initramfs or the manifest changes (2: softdeps resolved):
+#: every cached image rebuilds.
+BUILDER_VERSION = 2
 MANIFEST_FORMAT = 1
 
 #: ``progress(step, fraction)``: ``fraction`` is the whole build's progress in 0..1, or None.

@@ -80,6 +80,21 @@ def read_modinfo(elf: bytes) -> list[tuple[str, str]]:
     return []
 
 
+def _soft_pre(info: Sequence[tuple[str, str]]) -> list[str]:
+    """The ``pre:`` names of a module's ``softdep`` entries (``pre: a b post: c``)."""
+    names: list[str] = []
+    for key, value in info:
+        if key != "softdep":
+            continue
+        words, part = value.split(), ""
+        for word in words:
+            if word.endswith(":"):
+                part = word[:-1]
+            elif part == "pre":
+                names.append(word)
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class KernelModule:
     """A loadable module; ``relpath`` is below ``/lib/modules/<release>/``, uncompressed."""
@@ -130,7 +145,14 @@ class ModuleTree:
             info = read_modinfo(data)
         except (ValueError, struct.error, IndexError) as exc:
             raise ImageBuildError("read kernel module", f"{path}: {exc}") from exc
-        depends = next((v for k, v in info if k == "depends"), "")
+        depends = [d for d in next((v for k, v in info if k == "depends"), "").split(",") if d]
+        # A "softdep=pre: crc32c" is needed at init (libcrc32c fails with ENOENT without a
+        # crc32c algorithm, and erofs needs libcrc32c), but busybox modprobe ignores
+        # softdeps: make the module that provides it a dependency.
+        for soft in _soft_pre(info):
+            provider = self.provider(soft, besides=name)
+            if provider is not None:
+                depends.append(provider)
         rel = str(path.relative_to(self.root))
         for suffix in (".xz", ".gz", ".zst"):
             rel = rel.removesuffix(suffix)
@@ -138,11 +160,29 @@ class ModuleTree:
             name=name,
             relpath=rel,
             data=data,
-            depends=tuple(d.replace("-", "_") for d in depends.split(",") if d),
+            depends=tuple(d.replace("-", "_") for d in depends),
             aliases=tuple(v for k, v in info if k == "alias"),
         )
         self._cache[name] = mod
         return mod
+
+    def provider(self, name: str, *, besides: str = "") -> str | None:
+        """The module to load for ``name``: itself when built in or shipped, else the shipped
+        module (its name containing ``name``, ``*_generic`` first) that declares it as an
+        alias, as ``crc32c_generic`` does for ``crc32c``; ``None`` when there is none.
+        ``besides``: a module not to consider (the one asking: it is being read)."""
+        name = name.replace("-", "_")
+        if self.has(name):
+            return name if name != besides else None
+        candidates = sorted(
+            (m for m in self._paths if name in m and m != besides),
+            key=lambda m: (not m.endswith("_generic"), m),
+        )
+        for candidate in candidates:
+            aliases = self.module(candidate).aliases
+            if name in aliases or f"crypto-{name}" in aliases:
+                return candidate
+        return None
 
     def closure(self, names: Iterable[str]) -> list[KernelModule]:
         """The loadable modules ``names`` need, dependencies before dependants.

@@ -37,6 +37,7 @@ from virtcontainers.persist.records import (
     ImageConfig,
     ImageRecord,
     NetworkRecord,
+    VolumeRecord,
 )
 
 __all__ = ["SCHEMA_VERSION", "SandboxDocument"]
@@ -80,6 +81,8 @@ class SandboxDocument(
     hotplugged: tuple[DeviceRecord, ...] = ()
     network: NetworkRecord = NetworkRecord()
     image: ImageRecord | None = None
+    #: Host directories the guest mounts at start, in order (their shares are in ``devices``).
+    volumes: tuple[VolumeRecord, ...] = ()
     #: The process that owns the VM and writes its console log (its sandbox server).
     owner_pid: int = 0
     #: How the VM ended (state STOPPED, FAILED or EXITED).

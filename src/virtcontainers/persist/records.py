@@ -36,6 +36,7 @@ __all__ = [
     "PortRecord",
     "SerialChannel",
     "TapRecord",
+    "VolumeRecord",
     "VsockChannel",
     "json_object",
 ]
@@ -267,3 +268,12 @@ class ImageRecord(_Record, frozen=True):
     passwd: str = ""
     group: str = ""
     scratch_mb: int = 0
+
+
+class VolumeRecord(_Record, frozen=True):
+    """A host directory mounted in the guest at ``target`` (``vc run -v``); its share's
+    tag is its position in the sandbox's list (``volumes.share_tag``)."""
+
+    source: str
+    target: str
+    read_only: bool = False
