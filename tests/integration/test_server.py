@@ -215,6 +215,14 @@ class Terminal:
         os.close(slave)
         self.seen = b""
 
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+
     def resize(self, rows: int, cols: int) -> None:
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -250,8 +258,7 @@ class Terminal:
 def test_exec_it_is_a_real_terminal(guest_image: GuestImage, vc_root: Path) -> None:
     assert vc("create", "--id", "tty").returncode == 0
     assert vc("start", "tty").returncode == 0
-    term = Terminal([VC, "exec", "-it", "tty", "sh"], 33, 101)
-    try:
+    with Terminal([VC, "exec", "-it", "tty", "sh"], 33, 101) as term:
         term.command("stty size\n")
         term.expect("33 101")
         term.command("echo typed-'in'-here\n")  # the echo of the input has the quotes
@@ -268,18 +275,13 @@ def test_exec_it_is_a_real_terminal(guest_image: GuestImage, vc_root: Path) -> N
         assert b"slept" not in term.seen
         term.command("exit 3\n")
         assert term.proc.wait(30) == 3
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
     assert vc("rm", "--force", "tty").returncode == 0
     assert leftovers(vc_root) == []
 
 
 def test_run_it_is_a_real_terminal(guest_image: GuestImage, vc_root: Path) -> None:
     """`vc run -it -- sh`, as `docker run -it`: before, `vc run` had no -t/-i."""
-    term = Terminal([VC, "run", "-it", "--", "sh"], 27, 93)
-    try:
+    with Terminal([VC, "run", "-it", "--", "sh"], 27, 93) as term:
         term.command("stty size; tty\n")
         term.expect("27 93")
         term.expect("/dev/pts/")
@@ -287,10 +289,6 @@ def test_run_it_is_a_real_terminal(guest_image: GuestImage, vc_root: Path) -> No
         term.expect("typed-in-here")
         term.command("exit 4\n")
         assert term.proc.wait(60) == 4
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
     assert leftovers(vc_root) == []
 
 
