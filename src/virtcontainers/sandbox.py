@@ -197,6 +197,20 @@ class Sandbox:
                 pulled (see :func:`virtcontainers.images.pull`).
         """
         store = store or StateStore()
+        # What is cheap to check goes before a pull, which can take minutes.
+        kind = (
+            hypervisor
+            if isinstance(hypervisor, HypervisorType)
+            else HypervisorType.parse(hypervisor)
+        )
+        for volume in volumes:
+            volume.check()
+        if volumes and kind is not HypervisorType.QEMU:
+            raise ConfigError(
+                f"volumes need virtio-9p, which the {kind.value} driver does not have here "
+                "(use the qemu driver)",
+                field="--volume",
+            )
         sandbox_image: SandboxImage | None = None
         if image is not None:
             if isinstance(image, StoredImage):
@@ -209,11 +223,6 @@ class Sandbox:
             ref = image if isinstance(image, str) else (stored.refs[0] if stored.refs else "")
             sandbox_image = SandboxImage.from_stored(stored, ref, scratch_mb=disk_size_mb)
             config = sandbox_image.configure(config)
-        kind = (
-            hypervisor
-            if isinstance(hypervisor, HypervisorType)
-            else HypervisorType.parse(hypervisor)
-        )
         checked = config.copy()
         checked.valid()
         # Recorded as given, but with the vCPUs and memory the VM boots with (a default or
@@ -223,14 +232,6 @@ class Sandbox:
         config.resources.memory_size = checked.resources.memory_size
         spec = network or NetworkSpec()
         Attachment.check(spec, kind.value)
-        for volume in volumes:
-            volume.check()
-        if volumes and kind is not HypervisorType.QEMU:
-            raise ConfigError(
-                f"volumes need virtio-9p, which the {kind.value} driver does not have here "
-                "(use the qemu driver)",
-                field="--volume",
-            )
         sandbox_id = id or secrets.token_hex(6)
         run_dir = store.create_sandbox_dir(sandbox_id)
         all_devices = [*devices, *volume_shares(volumes)]

@@ -63,6 +63,7 @@ def create(sandbox: options.SandboxOptions, name: str | None, as_json: bool) -> 
     from virtcontainers.sandbox import Sandbox
 
     spec = sandbox.network_spec()
+    volumes = sandbox.volumes()  # before the pull, which can take minutes
     stored = sandbox.pull_image()
     created = _run(
         Sandbox.create(
@@ -73,7 +74,7 @@ def create(sandbox: options.SandboxOptions, name: str | None, as_json: bool) -> 
             network=spec,
             image=stored,
             disk_size_mb=sandbox.disk_size_mb(),
-            volumes=sandbox.volumes(),
+            volumes=volumes,
         )
     )
     _emit(created.info().to_dict(), as_json, created.id)
